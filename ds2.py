@@ -1,0 +1,1179 @@
+"""
+DS2 in one file: dialogue state tracking as dialogue summarization, with a T5 written from scratch in raw PyTorch.
+
+The method (Shin et al., "Dialogue Summaries as Dialogue States", Findings of ACL 2022): the gold state of every
+user turn is written as a template summary ("The user is looking for a train to cambridge on monday."), a T5 learns
+dialogue history -> summary, and inverse rules read a generated summary back into a state, on which joint goal
+accuracy (JGA) is measured. Training follows the seed's recipe: Adam (lr 5e-4), cosine decay after 1000 warmup
+steps, 64 x 8 accumulation steps = 512 examples per optimizer step, native AMP, early stopping on dev JGA. The file
+reads top to bottom: config -> T5 and its decoding -> templates and inverse rules -> data -> LR schedule ->
+checkpoints -> training loop -> evaluation -> main.
+
+Data: the folder data_multiwoz.py writes ({split}.jsonl, {split}.src.bin / .tgt.bin uint16 token ids,
+{split}.idx.npy offsets, spm.model, meta.json). Offline there is no MultiWOZ train split; data_multiwoz.py then
+carves train out of dev (--train_from_dev).
+
+    python data_multiwoz.py --data_dir ../shared/data/multiwoz/convlab2_mwz21 --spm ../shared/data/t5/spiece.model \
+        --out_dir data/mwz21 --train_from_dev 0.9
+    python ds2.py --preset cpu --data_dir data/mwz21 --out_dir out/ds2-cpu      # a tiny T5 on CPU
+    python ds2.py --data_dir data/mwz21                                        # t5-small, the seed's recipe (GPU)
+    python ds2.py --init_from path/to/t5-small --fewshot 0.01                  # public weights, 1% of the dialogues
+    python ds2.py --except_domain hotel --out_dir out/no-hotel                 # cross-domain: stage 1, then stage 2
+    python ds2.py --init_from out/no-hotel/best.pt --only_domain hotel --fewshot 0.01 --out_dir out/hotel
+    python ds2.py evaluate --init_from out/ds2-cpu/best.pt --data_dir data/mwz21 --split test
+    python ds2.py roundtrip --data_dir data/mwz21 --split test                 # the templates' own ceiling
+
+Every Config field is a flag (--key=value or --key value; a bare --flag means true); --preset NAME is applied
+first. A run writes to out_dir: ckpt.pt (latest state; continue with --resume), best.pt (best dev JGA), log.jsonl,
+and at the end test_predictions.jsonl and test_metrics.json.
+"""
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class Config:
+    # data: a folder written by data_multiwoz.py
+    data_dir: str = "data/mwz21"
+    train_split: str = "train"
+    val_split: str = "dev"          # early stopping and the best checkpoint use this split's JGA
+    test_split: str = "test"        # evaluated once at the end, with the best checkpoint
+    split: str = "test"             # the split of the `evaluate` and `roundtrip` commands
+    max_src_len: int = 512          # DS2: T5 inputs of at most 512 tokens; longer histories keep their most recent part
+    max_tgt_len: int = 128          # the longest summary of MultiWOZ 2.1 test: 127 T5 tokens with eos (measured)
+    fewshot: float = 1.0            # share of the training dialogues (DS2: 0.01, 0.05, 0.1, 1.0)
+    fewshot_seed: int = 0
+    except_domain: str = ""         # cross-domain stage 1: train and validate without this domain's dialogues
+    only_domain: str = ""           # cross-domain stage 2: this domain's dialogues, evaluated on its slots only
+    # model: t5-small (MODELS.md); a checkpoint's own (--resume, --init_from x.pt or a Hugging Face folder) wins
+    d_model: int = 512
+    d_ff: int = 2048
+    d_kv: int = 64                  # width of one head; heads x d_kv need not equal d_model
+    num_layers: int = 6             # encoder blocks
+    num_decoder_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "relu"   # original T5; "gated-gelu" for T5 v1.1
+    tie_word_embeddings: bool = True  # original T5; false for v1.1 (untied head, no output scaling)
+    dropout: float = 0.1            # t5-small's public config: dropout_rate 0.1
+    init_from: str = "scratch"      # 'scratch', a ds2.py checkpoint (warm start), or a Hugging Face T5 folder
+    # optimizer: seed: Adam, lr 5e-4, betas (0.9, 0.999), eps 1e-8, no weight decay
+    learning_rate: float = 5e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0       # AdamW with decay 0 is exactly Adam
+    grad_clip: float = 1.0          # the seed names none; its Hugging Face Trainer and DS2's code clip at 1.0
+    # LR schedule: seed: cosine decay, 1000 warmup steps
+    decay_lr: bool = True           # false: constant after warmup (DS2's code: constant 5e-5, no warmup)
+    warmup_iters: int = 1000
+    min_lr: float = 0.0             # the cosine ends at 0, as Hugging Face's cosine schedule
+    # batch and length of the run
+    batch_size: int = 512           # seed: 64 x 8 accumulation steps = 512 examples per optimizer step
+    micro_batch_size: int = 64      # seed: batch 64 per forward/backward
+    epochs: int = 1                 # seed: 1 epoch in its reported run (DS2's code: up to 100, early stopping)
+    max_iters: int = 0              # optimizer steps; 0 = epochs x steps per epoch
+    # evaluation and early stopping
+    eval_interval: int = 0          # evaluate every this many steps; 0 = after every epoch (and always at the end)
+    eval_examples: int = 0          # dev turns per evaluation (the first ones); 0 = all. The test split is always whole
+    eval_batch_size: int = 64       # sequences decoded at once
+    patience: int = 10              # stop after this many evaluations without a new best (DS2's code: 10); 0 = off
+    num_beams: int = 1              # DS2: greedy decoding
+    length_penalty: float = 1.0     # beam search only, as Hugging Face defines it
+    max_new_tokens: int = 128       # DS2: 100; 1.0% of our test summaries need more (up to 127 with eos, measured)
+    # system
+    out_dir: str = "out-ds2"
+    resume: bool = False            # continue from out_dir/ckpt.pt
+    stop_step: int = 0              # stop after this step with a checkpoint, continue later with --resume; 0 = off
+    log_interval: int = 10
+    device: str = "auto"            # 'auto' = cuda if available, else cpu
+    dtype: str = "auto"             # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU
+    compile: bool = False           # torch.compile the training model (GPU)
+    seed: int = 1337
+
+
+PRESETS = {
+    # A tiny T5 (5M parameters, 4M of them the 32000-piece embedding) for CPU runs: ~4 s a step on one core.
+    "cpu": dict(d_model=128, d_ff=512, d_kv=32, num_layers=2, num_decoder_layers=2, num_heads=4, dropout=0.0,
+                batch_size=32, micro_batch_size=16, learning_rate=2e-3, warmup_iters=15, max_iters=150,
+                eval_interval=50, eval_examples=200, log_interval=10, patience=0),
+    # Seconds, for tests and for checking that a data folder works end to end.
+    "smoke": dict(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2, dropout=0.0,
+                  batch_size=8, micro_batch_size=4, learning_rate=3e-3, warmup_iters=2, max_iters=6,
+                  eval_interval=3, eval_examples=16, eval_batch_size=16, max_new_tokens=24, log_interval=1),
+    # The full model: the Config's defaults, named.
+    "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_decoder_layers=6, num_heads=8),
+    # DS2's own training settings (its code), a preset only, to compare with the seed's recipe: AdamW lr 5e-5
+    # constant, no warmup, clip 1.0, batch 2, up to 100 epochs, fp32, patience 10, greedy up to 100 tokens.
+    "paper": dict(learning_rate=5e-5, decay_lr=False, warmup_iters=0, grad_clip=1.0, batch_size=2,
+                  micro_batch_size=2, epochs=100, eval_interval=0, patience=10, dtype="float32", num_beams=1,
+                  max_new_tokens=100),
+}
+COMMANDS = ("train", "evaluate", "roundtrip")
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_value(key, text, kind):
+    if kind is bool:
+        if text.lower() not in BOOL_WORDS:
+            raise ValueError(f"--{key} expects a bool (true/false/1/0/yes/no), got {text!r}")
+        return BOOL_WORDS[text.lower()]
+    try:
+        return kind(text)
+    except ValueError:
+        article = "an" if kind is int else "a"
+        raise ValueError(f"--{key} expects {article} {kind.__name__}, got {text!r}") from None
+
+
+def parse_args(argv):
+    """[command] then --key=value / --key value / --flag; --preset NAME is applied first. Returns (command, Config)."""
+    argv = list(argv)
+    command = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    types["preset"] = str
+    pairs, i = [], 0
+    while i < len(argv):
+        if not argv[i].startswith("--"):
+            raise ValueError(f"unexpected argument {argv[i]!r}: options look like --key=value or --key value")
+        key, has_value, value = argv[i][2:].partition("=")
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            raise ValueError(f"unknown config key --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if not has_value and following is not None and not following.startswith("--") \
+                and (types[key] is not bool or following.lower() in BOOL_WORDS):
+            value, i = following, i + 1
+        elif not has_value and types[key] is bool:
+            value = "true"                          # a bare --flag means true
+        elif not has_value:
+            raise ValueError(f"--{key} needs a value (--{key}=VALUE or --{key} VALUE)")
+        pairs.append((key, value))
+        i += 1
+    config = Config()
+    for key, value in pairs:
+        if key == "preset":
+            if value not in PRESETS:
+                raise ValueError(f"unknown preset {value!r} (presets: {', '.join(PRESETS)})")
+            config = dataclasses.replace(config, **PRESETS[value])
+    for key, value in pairs:
+        if key != "preset":
+            setattr(config, key, parse_value(key, value, types[key]))
+    validate(config)
+    return command, config
+
+
+def validate(config):
+    """Cross-field checks that name the key and what to do. Returns the gradient accumulation steps."""
+    c = config
+    for key in ("d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers", "num_heads", "batch_size",
+                "micro_batch_size", "epochs", "eval_batch_size", "num_beams", "max_new_tokens", "log_interval",
+                "relative_attention_num_buckets", "relative_attention_max_distance"):
+        if getattr(c, key) <= 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(c, key)}")
+    for key in ("max_iters", "warmup_iters", "eval_interval", "eval_examples", "patience", "weight_decay",
+                "grad_clip", "min_lr", "stop_step"):
+        if not getattr(c, key) >= 0:
+            raise ValueError(f"--{key} must be >= 0, got {getattr(c, key)}")
+    if c.relative_attention_num_buckets % 4:
+        raise ValueError(f"--relative_attention_num_buckets must be a multiple of 4 (T5: 32), got "
+                         f"{c.relative_attention_num_buckets}")
+    if c.batch_size % c.micro_batch_size:
+        raise ValueError(f"--batch_size {c.batch_size} is not divisible by --micro_batch_size {c.micro_batch_size}: "
+                         f"batch_size must equal micro_batch_size x gradient accumulation steps (seed: 64 x 8 = 512)")
+    if c.max_src_len < 2 or c.max_tgt_len < 2:
+        raise ValueError(f"--max_src_len and --max_tgt_len must be >= 2 (a token and eos), got {c.max_src_len} "
+                         f"and {c.max_tgt_len}")
+    if not 0 < c.fewshot <= 1:
+        raise ValueError(f"--fewshot is a share of the training dialogues in (0, 1] (DS2: 0.01, 0.05, 0.1), "
+                         f"got {c.fewshot}")
+    for key in ("except_domain", "only_domain"):
+        if getattr(c, key) not in ("", *DOMAINS):
+            raise ValueError(f"--{key} must be one of {', '.join(DOMAINS)} (or empty), got {getattr(c, key)!r}")
+    if c.except_domain and c.only_domain:
+        raise ValueError("give --except_domain (cross-domain stage 1) or --only_domain (stage 2), not both")
+    if c.feed_forward_proj not in ("relu", "gated-gelu"):
+        raise ValueError(f"--feed_forward_proj must be relu (T5) or gated-gelu (T5 v1.1), got {c.feed_forward_proj!r}")
+    if not 0 < c.learning_rate < 1 or c.min_lr > c.learning_rate:
+        raise ValueError(f"need 0 < --learning_rate < 1 and --min_lr <= learning_rate, got {c.learning_rate} "
+                         f"and {c.min_lr}")
+    if not (0 <= c.dropout < 1 and 0 <= c.beta1 < 1 and 0 <= c.beta2 < 1 and c.eps > 0):
+        raise ValueError(f"--dropout, --beta1, --beta2 must be in [0, 1) and --eps > 0, got {c.dropout}, "
+                         f"{c.beta1}, {c.beta2}, {c.eps}")
+    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
+    if not (c.device in ("auto", "cpu") or c.device.startswith("cuda")):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    return c.batch_size // c.micro_batch_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: T5 from scratch (MODELS.md). Pre-norm encoder-decoder, RMS norm, no biases, relative position buckets.
+
+PAD_ID, EOS_ID = 0, 1                    # T5's SentencePiece ids; pad 0 is also the decoder's start token
+NEG_INF = torch.finfo(torch.float32).min  # additive mask value: a row with every key masked stays finite (no NaN)
+T5_SPM_SHA256 = "d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86"  # spiece.model of t5-small/base
+
+
+@dataclass
+class T5Config:
+    vocab_size: int = 32128         # 32000 SentencePiece pieces + 100 sentinels, padded to a multiple of 128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    tie_word_embeddings: bool = True
+
+
+MODEL_KEYS = [f.name for f in dataclasses.fields(T5Config) if f.name not in ("vocab_size", "layer_norm_epsilon")]
+
+
+class RMSNorm(nn.Module):
+    """w * x / sqrt(mean(x^2) + eps): no mean subtraction, no bias, computed in float32 (also under autocast)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def relative_position_bucket(relative, bidirectional, num_buckets=32, max_distance=128):
+    """T5's bucket of each relative position (key position - query position). The encoder gives each direction
+    half of the buckets (+16 when the key is to the right); the causal decoder only looks back. Within a direction
+    the first half of the buckets are exact distances (0..7 encoder, 0..15 decoder), the rest grow logarithmically
+    up to max_distance (128), and everything farther shares the last bucket."""
+    bucket = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (relative > 0).long() * num_buckets
+        n = relative.abs()
+    else:
+        n = (-relative).clamp(min=0)
+    max_exact = num_buckets // 2
+    # n is clamped to max_exact inside the log only so that log(0) never happens; torch.where keeps small n exact
+    log_ratio = torch.log(n.clamp(min=max_exact).float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return bucket + torch.where(n < max_exact, n, large)
+
+
+def compute_dtype(device_type):
+    """The dtype matmuls produce here: the autocast dtype inside torch.autocast, else float32. Masks are built in
+    it once per stack, so scaled_dot_product_attention takes them without a cast in every block."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases and without the 1/sqrt(d_kv) scaling (T5 folds it into the init).
+    `mask` is additive, (B or 1, H or 1, T, S), with the relative position bias already folded in."""
+
+    def __init__(self, config):
+        super().__init__()
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.num_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout
+
+    def split_heads(self, x):  # (B, T, H * d_kv) -> (B, H, T, d_kv)
+        return x.view(x.size(0), x.size(1), self.num_heads, self.d_kv).transpose(1, 2)
+
+    def forward(self, x, mask, source=None, cache=None):
+        """x (B, T, d_model) attends to itself (source None) or to the encoder output source (B, S, d_model).
+        cache (a dict, incremental decoding): self-attention appends the new positions' keys/values to it;
+        cross-attention computes the encoder's keys/values on the first step and reuses them after."""
+        q = self.split_heads(self.q(x))
+        if source is None:
+            k, v = self.split_heads(self.k(x)), self.split_heads(self.v(x))
+            if cache is not None:
+                if "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        elif cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k, v = self.split_heads(self.k(source)), self.split_heads(self.v(source))
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
+
+
+class FeedForward(nn.Module):
+    """T5: wo(relu(wi x)). T5 v1.1: wo(gelu_tanh(wi_0 x) * wi_1 x). No biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gated = config.feed_forward_proj == "gated-gelu"
+        if self.gated:
+            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x) if self.gated else F.relu(self.wi(x))
+        return self.wo(self.dropout(h))
+
+
+class Block(nn.Module):
+    """x = x + sublayer(norm(x)) for self-attention, cross-attention (decoder only), feed-forward."""
+
+    def __init__(self, config, is_decoder):
+        super().__init__()
+        self.ln_attn = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.attn = Attention(config)
+        if is_decoder:
+            self.ln_cross = RMSNorm(config.d_model, config.layer_norm_epsilon)
+            self.cross = Attention(config)
+        self.ln_ff = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.ff = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, enc_out=None, cross_mask=None, cache=None):
+        x = x + self.dropout(self.attn(self.ln_attn(x), mask, cache=None if cache is None else cache["self"]))
+        if enc_out is not None:
+            x = x + self.dropout(self.cross(self.ln_cross(x), cross_mask, source=enc_out,
+                                            cache=None if cache is None else cache["cross"]))
+        return x + self.dropout(self.ff(self.ln_ff(x)))
+
+
+# Our parameter names -> Hugging Face's (MODELS.md): block i's sublayers and norms sit in `layer.{j}`.
+HF_SUBLAYERS = {
+    "encoder": {"attn": "layer.0.SelfAttention", "ln_attn": "layer.0.layer_norm",
+                "ff": "layer.1.DenseReluDense", "ln_ff": "layer.1.layer_norm"},
+    "decoder": {"attn": "layer.0.SelfAttention", "ln_attn": "layer.0.layer_norm",
+                "cross": "layer.1.EncDecAttention", "ln_cross": "layer.1.layer_norm",
+                "ff": "layer.2.DenseReluDense", "ln_ff": "layer.2.layer_norm"},
+}
+
+
+def hf_name(name):
+    """'decoder.blocks.3.cross.q.weight' -> 'decoder.block.3.layer.1.EncDecAttention.q.weight'."""
+    stack, _, rest = name.partition(".")
+    if rest.startswith("rel_bias"):  # Hugging Face keeps each stack's one bias table in its block 0
+        return f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    if rest.startswith("ln_f"):
+        return f"{stack}.final_layer_norm.weight"
+    if stack not in HF_SUBLAYERS:  # shared.weight, lm_head.weight
+        return name
+    _, i, part, leaf = rest.split(".", 3)
+    return f"{stack}.block.{i}.{HF_SUBLAYERS[stack][part]}.{leaf}"
+
+
+class T5(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)  # encoder input, decoder input (and head)
+        self.encoder = self.make_stack(config, config.num_layers, is_decoder=False)
+        self.decoder = self.make_stack(config, config.num_decoder_layers, is_decoder=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+        self.dropout = nn.Dropout(config.dropout)
+        for name, p in self.named_parameters():  # a tied head is listed once, as shared.weight
+            std = self.init_std(name)
+            if std is not None:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    @staticmethod
+    def make_stack(config, num_blocks, is_decoder):
+        return nn.ModuleDict(dict(
+            # one table of per-head biases for the whole stack, computed once and added in every block
+            rel_bias=nn.Embedding(config.relative_attention_num_buckets, config.num_heads),
+            blocks=nn.ModuleList([Block(config, is_decoder) for _ in range(num_blocks)]),
+            ln_f=RMSNorm(config.d_model, config.layer_norm_epsilon),
+        ))
+
+    def init_std(self, name):
+        """Mesh TensorFlow's initialization (as Hugging Face's T5): std 1 for the embedding, fan-in scaled matrices;
+        q is also scaled by d_kv^-0.5, which stands in for the attention's missing 1/sqrt(d_kv). Norms stay 1."""
+        c = self.config
+        return {"shared": 1.0, "lm_head": 1.0, "rel_bias": c.d_model ** -0.5, "q": (c.d_model * c.d_kv) ** -0.5,
+                "k": c.d_model ** -0.5, "v": c.d_model ** -0.5, "o": (c.num_heads * c.d_kv) ** -0.5,
+                "wi": c.d_model ** -0.5, "wi_0": c.d_model ** -0.5, "wi_1": c.d_model ** -0.5,
+                "wo": c.d_ff ** -0.5}.get(name.split(".")[-2])
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def position_bias(self, stack, q_len, k_len, past=0):
+        """(1, H, q_len, k_len): the learned bias of each relative-position bucket, for queries at absolute positions
+        past .. past + q_len - 1 (with a KV cache the newest query sits at position `past`, not at 0)."""
+        device = stack.rel_bias.weight.device
+        query_pos, key_pos = torch.arange(past, past + q_len, device=device), torch.arange(k_len, device=device)
+        relative = key_pos[None, :] - query_pos[:, None]
+        bucket = relative_position_bucket(relative, bidirectional=stack is self.encoder,
+                                          num_buckets=self.config.relative_attention_num_buckets,
+                                          max_distance=self.config.relative_attention_max_distance)
+        return stack.rel_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+
+    def encode(self, src):
+        """Encoder output (B, S, d_model) for source ids (B, S), right-padded with PAD_ID."""
+        S = src.size(1)
+        padding = (src == PAD_ID)[:, None, None, :]  # padding masks keys only
+        mask = torch.where(padding, NEG_INF, self.position_bias(self.encoder, S, S)).to(compute_dtype(src.device.type))
+        x = self.dropout(self.shared(src))
+        for block in self.encoder.blocks:
+            x = block(x, mask)
+        return self.dropout(self.encoder.ln_f(x))
+
+    def decode(self, tgt, enc_out, src, cache=None):
+        """Logits (B, T, vocab) for decoder inputs tgt (B, T). With a cache (new_cache) tgt holds only the new
+        positions; the keys/values of the earlier ones come from the cache."""
+        T, dtype = tgt.size(1), compute_dtype(tgt.device.type)
+        past = cache[0]["self"]["k"].size(2) if cache is not None and "k" in cache[0]["self"] else 0
+        future = torch.ones(T, past + T, dtype=torch.bool, device=tgt.device).triu(past + 1)  # causal
+        mask = torch.where(future, NEG_INF, self.position_bias(self.decoder, T, past + T, past)).to(dtype)
+        cross_mask = torch.where((src == PAD_ID)[:, None, None, :], NEG_INF, 0.0).to(dtype)  # no bias in cross-attn
+        x = self.dropout(self.shared(tgt))
+        for i, block in enumerate(self.decoder.blocks):
+            x = block(x, mask, enc_out, cross_mask, None if cache is None else cache[i])
+        x = self.dropout(self.decoder.ln_f(x))
+        if self.config.tie_word_embeddings:  # T5 rescales before the tied head; v1.1 (untied) does not
+            x = x * self.config.d_model ** -0.5
+        return self.lm_head(x)
+
+    def forward(self, src, labels):
+        """Teacher forcing: the decoder reads the labels shifted right behind the start token (0) and predicts each
+        label. Loss: mean cross entropy over the labels that are not -100 (padding)."""
+        tgt = torch.cat([torch.full_like(labels[:, :1], PAD_ID), labels[:, :-1]], dim=1)
+        tgt = tgt.masked_fill(tgt == -100, PAD_ID)  # positions after the target's end read pad (their loss is ignored)
+        logits = self.decode(tgt, self.encode(src), src)
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Decoding: greedy and beam search with a KV cache
+
+    def new_cache(self):
+        """Per decoder block: the self-attention keys/values so far, and the cross-attention ones (computed once)."""
+        return [{"self": {}, "cross": {}} for _ in self.decoder.blocks]
+
+    @staticmethod
+    def reorder_cache(cache, rows, cross=True):
+        """Take these batch rows of every cached tensor: surviving beams inherit their parent's self-attention
+        keys/values. Cross-attention keys/values only change when the beams are first made (cross=True)."""
+        for layer in cache:
+            for part in ("self", "cross") if cross else ("self",):
+                for name in layer[part]:
+                    layer[part][name] = layer[part][name].index_select(0, rows)
+
+    def next_logits(self, seqs, enc_out, src, cache):
+        """float32 logits (B, vocab) of the token after seqs (B, t). With a cache only the newest token runs through
+        the decoder; without one the whole prefix is recomputed (kept for tests and the benchmark)."""
+        return self.decode(seqs if cache is None else seqs[:, -1:], enc_out, src, cache)[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, src, max_new_tokens=100, num_beams=1, length_penalty=1.0, use_cache=True):
+        """Generated ids (B, <= max_new_tokens) for right-padded sources src (B, S); after a row's EOS come PADs."""
+        if num_beams > 1:
+            return self.beam_search(src, max_new_tokens, num_beams, length_penalty, use_cache)
+        enc_out = self.encode(src)
+        cache = self.new_cache() if use_cache else None
+        seqs = torch.full((src.size(0), 1), PAD_ID, dtype=torch.long, device=src.device)
+        done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+        for _ in range(max_new_tokens):
+            token = self.next_logits(seqs, enc_out, src, cache).argmax(-1).masked_fill(done, PAD_ID)
+            seqs = torch.cat([seqs, token[:, None]], dim=1)
+            done |= token == EOS_ID
+            if done.all():
+                break
+        return seqs[:, 1:]
+
+    @torch.no_grad()
+    def beam_search(self, src, max_new_tokens, num_beams, length_penalty, use_cache=True):
+        """Beam search as Hugging Face's generate() does it (early_stopping=False). Each step the 2K best
+        continuations of the K beams are ranked; those of the best K that end in EOS (or reach max_new_tokens)
+        become finished hypotheses scored sum(log p) / length ** length_penalty (length counts EOS, not the start
+        token), the K best of the rest keep running. An example is done once it holds K finished hypotheses and its
+        best running beam, divided by its current length, cannot beat the worst of them."""
+        B, K, device = src.size(0), num_beams, src.device
+        enc_out = self.encode(src)  # once per example: the beams share it
+        cache = self.new_cache() if use_cache else None
+        seqs = torch.full((B, 1), PAD_ID, dtype=torch.long, device=device)
+        logits = self.next_logits(seqs, enc_out, src, cache)  # step 0 on B rows: all K beams are still the same
+        rows = torch.arange(B, device=device).repeat_interleave(K)  # then each example's row is copied K times
+        enc_out, src, seqs, logprobs = enc_out[rows], src[rows], seqs[rows], F.log_softmax(logits, -1)[rows]
+        if cache is not None:
+            self.reorder_cache(cache, rows)  # including the cross-attention keys/values: copied, never recomputed
+        scores = torch.full((B, K), -1e9, device=device)
+        scores[:, 0] = 0.0  # only beam 0 is live at first, so the K beams do not start as K copies
+        finished = torch.full((B, K, max_new_tokens + 1), PAD_ID, dtype=torch.long, device=device)
+        finished_scores = torch.full((B, K), -1e9, device=device)
+        is_finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        in_top_k = torch.arange(2 * K, device=device) < K
+        for t in range(max_new_tokens):
+            V = logprobs.size(-1)
+            cand_scores, cand = (logprobs.view(B, K, V) + scores[..., None]).view(B, K * V).topk(2 * K)
+            parent = torch.arange(B, device=device)[:, None] * K + cand // V  # (B, 2K) rows of seqs
+            cand_seqs = torch.cat([seqs[parent.view(-1)], (cand % V).view(-1, 1)], dim=1).view(B, 2 * K, t + 2)
+            ends = ((cand % V) == EOS_ID) | (t == max_new_tokens - 1)
+            # finished hypotheses: the ending candidates among the best K, for examples that are not done
+            new_finished = ends & in_top_k & ~done[:, None]
+            new_scores = (cand_scores / (t + 1) ** length_penalty).masked_fill(~new_finished, float("-inf"))
+            pool = torch.cat([finished, F.pad(cand_seqs, (0, max_new_tokens - t - 1), value=PAD_ID)], dim=1)
+            finished_scores, keep = torch.cat([finished_scores, new_scores], dim=1).topk(K)
+            finished = pool.gather(1, keep[..., None].expand(-1, -1, pool.size(2)))
+            is_finished = torch.cat([is_finished, new_finished], dim=1).gather(1, keep)
+            # running beams: the K best candidates that did not end
+            scores, pick = cand_scores.masked_fill(ends, float("-inf")).topk(K)
+            seqs = cand_seqs.gather(1, pick[..., None].expand(-1, -1, t + 2)).view(B * K, t + 2)
+            best_possible = scores[:, 0] / (t + 1) ** length_penalty
+            done |= is_finished.all(1) & (best_possible <= finished_scores.min(1).values)
+            if done.all() or t == max_new_tokens - 1:
+                break
+            if cache is not None:
+                self.reorder_cache(cache, parent.gather(1, pick).view(-1), cross=False)
+            logprobs = F.log_softmax(self.next_logits(seqs, enc_out, src, cache), -1)
+        return finished[:, 0, 1:]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loading public weights, and the optimizer
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Load a local Hugging Face T5 folder (config.json + model.safetensors or pytorch_model.bin) without
+        transformers. Accepts the full key set (shared, encoder/decoder.embed_tokens, lm_head) and the minimal one
+        (one embedding; no lm_head when tied)."""
+        folder = Path(path)
+        model = cls(read_hf_config(folder))
+        tensors = load_hf_tensors(folder)
+        aliases = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+        # an untied head missing from the file is the embedding (what transformers does then)
+        candidates = {"shared.weight": aliases, "lm_head.weight": ("lm_head.weight", *aliases)}
+        used = set()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                keys = candidates.get(name, (hf_name(name),))
+                key = next((k for k in keys if k in tensors), None)
+                if key is None:
+                    raise ValueError(f"{folder}: no tensor {keys[0]} in the checkpoint: not a T5 of this config.json")
+                if tensors[key].shape != param.shape:
+                    raise ValueError(f"{folder}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                     f"expected {tuple(param.shape)} from config.json")
+                param.copy_(tensors[key].float())
+                used.add(key)
+        ignored = sorted(set(tensors) - used - set(aliases) - {"lm_head.weight"})
+        if ignored:  # e.g. old t5-small files hold an unused decoder cross-attention bias table
+            print(f"from_pretrained: ignored {len(ignored)} tensor(s) of {folder}: {', '.join(ignored[:3])}")
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
+        """Adam(W): decay (none in the seed) on the 2-D weights, none on norms; fused into one kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+def read_hf_config(folder):
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --init_from expects a ds2.py checkpoint file or a Hugging Face "
+                                f"T5 folder holding config.json and model.safetensors or pytorch_model.bin")
+    hf = json.loads(path.read_text())
+    missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads") if k not in hf]
+    if missing or hf.get("feed_forward_proj", "relu") not in ("relu", "gated-gelu"):
+        raise ValueError(f"{path}: not a T5 config this script implements (missing {missing}, feed_forward_proj "
+                         f"{hf.get('feed_forward_proj')!r}; relu and gated-gelu are supported)")
+    return T5Config(
+        vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
+        num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        num_heads=hf["num_heads"], relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        dropout=hf.get("dropout_rate", 0.1), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+        feed_forward_proj=hf.get("feed_forward_proj", "relu"),
+        # transformers 5 writes scale_decoder_outputs (false for v1.1) and always tie_word_embeddings=true
+        tie_word_embeddings=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)))
+
+
+def load_hf_tensors(folder):
+    """model.safetensors (read by read_safetensors) or pytorch_model.bin (a weights-only torch.load)."""
+    if (folder / "model.safetensors").is_file():
+        return read_safetensors(folder / "model.safetensors")
+    path = folder / "pytorch_model.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused: it holds objects a weights-only load does not allow "
+                         f"(a pickle that could run code): {e}") from None
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path):
+    """The safetensors format without the package: 8 bytes little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets from the end of the header), then the raw
+    little-endian tensor bytes."""
+    buf = bytearray(os.path.getsize(path))
+    with open(path, "rb") as f:
+        f.readinto(buf)
+    n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else 0
+    if len(buf) < 8 or 8 + n > len(buf):
+        raise ValueError(f"{path}: header length {n} does not fit in {len(buf)} bytes: not safetensors or cut off")
+    tensors = {}
+    for name, info in json.loads(buf[8:8 + n]).items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} is {info['dtype']}; only F32, F16 and BF16 are read")
+        dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+        count = math.prod(info["shape"])
+        if end - begin != count * dtype.itemsize or 8 + n + end > len(buf):
+            raise ValueError(f"{path}: tensor {name}: byte range [{begin}, {end}) does not hold shape {info['shape']}")
+        flat = torch.empty(0, dtype=dtype)
+        if count:  # frombuffer refuses an empty range
+            flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Templates and inverse rules: dialogue state <-> summary, and the metrics on states
+
+from ds2_templates_section import DOMAINS, SLOTS, state_to_summary, summary_to_state, roundtrip, compute_metrics  # MERGE-TEMPLATES
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: examples and token bins from data_multiwoz.py; batches padded to their own longest sequence
+
+def read_meta(data_dir):
+    """meta.json of data_multiwoz.py, and the SentencePiece model of the bins (to turn generated ids into text)."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: make the data folder with data_multiwoz.py (it writes meta.json "
+                                f"last, so a folder without it is incomplete), or point --data_dir at one")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-run data_multiwoz.py") from None
+    if not {"vocab_size", "pad_id", "eos_id", "spm"} <= meta.keys() or (meta["pad_id"], meta["eos_id"]) != (0, 1):
+        raise ValueError(f"{path}: not a meta.json of data_multiwoz.py with T5's pad 0 and eos 1; re-run it")
+    spm_path = Path(data_dir) / meta["spm"].get("file", "spm.model")
+    model = spm_path.read_bytes() if spm_path.is_file() else b""
+    if hashlib.sha256(model).hexdigest() != meta["spm"]["sha256"]:
+        raise ValueError(f"{spm_path} is missing or not the SentencePiece model meta.json names (sha256 differs): "
+                         f"re-run data_multiwoz.py")
+    return meta, sentencepiece.SentencePieceProcessor(model_proto=model)
+
+
+def read_examples(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: no such split in {path.parent} (check --data_dir and the "
+                                f"split names, e.g. --train_split, --val_split, --split)")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                examples.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); re-run data_multiwoz.py") from None
+    return examples
+
+
+def open_bin(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: re-run data_multiwoz.py")
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        raise ValueError(f"{path}: {size:,} bytes, not a file of uint16 tokens (empty or cut off?); "
+                         f"re-run data_multiwoz.py")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def load_split(config, split, meta, train=False):
+    """One split: examples ({split}.jsonl), token memmaps, the (N, 4) index (src_offset, src_len, tgt_offset,
+    tgt_len) and the rows this run uses. The few-shot sample is drawn from the training split only; the
+    cross-domain filters apply to every split (DS2 evaluates a held-out domain on its own dialogues)."""
+    folder = Path(config.data_dir)
+    examples = read_examples(folder / f"{split}.jsonl")
+    idx_path = folder / f"{split}.idx.npy"
+    if not idx_path.is_file():
+        raise FileNotFoundError(f"{idx_path} not found: re-run data_multiwoz.py")
+    idx = np.load(idx_path)
+    src, tgt = open_bin(folder / f"{split}.src.bin"), open_bin(folder / f"{split}.tgt.bin")
+    if idx.shape != (len(examples), 4):
+        raise ValueError(f"{idx_path} has shape {idx.shape}, expected ({len(examples)}, 4), one row per line of "
+                         f"{split}.jsonl: the files are from different runs; re-run data_multiwoz.py")
+    for name, bin_, offset, length in (("src", src, idx[:, 0], idx[:, 1]), ("tgt", tgt, idx[:, 2], idx[:, 3])):
+        if len(idx) and ((offset + length).max() > len(bin_) or length.min() < 1):
+            raise ValueError(f"{folder / f'{split}.{name}.bin'} holds {len(bin_):,} tokens, not what {idx_path.name} "
+                             f"says (cut off?); re-run data_multiwoz.py")
+        if bin_.max() >= meta["vocab_size"]:
+            raise ValueError(f"{folder / f'{split}.{name}.bin'}: token id {bin_.max()} >= vocab_size "
+                             f"{meta['vocab_size']} of meta.json: made with another tokenizer; re-run data_multiwoz.py")
+    rows = np.arange(len(examples))
+    if (train and config.fewshot < 1) or config.except_domain or config.only_domain:
+        from data_multiwoz import select_examples  # DS2's few-shot and cross-domain selection, by dialogue
+        rows = np.array(select_examples(examples, fewshot=config.fewshot if train else 1.0, seed=config.fewshot_seed,
+                                        except_domain=config.except_domain, only_domain=config.only_domain),
+                        dtype=np.int64)
+    if len(rows) == 0:
+        raise ValueError(f"{folder / f'{split}.jsonl'}: no example left (--except_domain {config.except_domain!r}, "
+                         f"--only_domain {config.only_domain!r}); check the split and the domain")
+    return dict(split=split, examples=examples, idx=idx, src=src, tgt=tgt, rows=rows)
+
+
+def clip(ids, max_len, keep_end):
+    """ids (ending in EOS) cut to at most max_len tokens, still ending in EOS. A source keeps its end (keep_end):
+    the most recent turns, where the current state is decided; the oldest turns and the "Summarize this dialogue:"
+    prefix go first. A target keeps its start."""
+    if len(ids) <= max_len:
+        return ids
+    return np.append(ids[-max_len:-1] if keep_end else ids[:max_len - 1], EOS_ID)
+
+
+def pad(seqs, value):
+    out = np.full((len(seqs), max(len(s) for s in seqs)), value, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return torch.from_numpy(out)
+
+
+def token_counts(data, rows, config):
+    """(source tokens, target tokens) of these rows after clipping, without padding."""
+    idx = data["idx"][rows]
+    return int(np.minimum(idx[:, 1], config.max_src_len).sum()), int(np.minimum(idx[:, 3], config.max_tgt_len).sum())
+
+
+def get_batch(data, rows, config, device):
+    """Sources (B, S) padded with PAD_ID and labels (B, T) padded with -100 (ignored by the loss) for these example
+    rows, each only as long as its longest sequence (dynamic padding)."""
+    idx = data["idx"][rows]
+    src = pad([clip(data["src"][o:o + n], config.max_src_len, keep_end=True) for o, n in idx[:, :2]], PAD_ID)
+    labels = pad([clip(data["tgt"][o:o + n], config.max_tgt_len, keep_end=False) for o, n in idx[:, 2:]], -100)
+    if device.type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work
+        return src.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
+    return src, labels
+
+
+def batch_rows(step, seed, rows, batch_size):
+    """The example rows of optimizer step `step`: a pure function of (seed, step), so a resumed run reads exactly
+    the batches an uninterrupted one would. Every epoch visits all rows in a fresh seeded order; the last batch of
+    an epoch may be smaller."""
+    epoch, position = divmod(step, math.ceil(len(rows) / batch_size))
+    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+    return rows[order[position * batch_size:(position + 1) * batch_size]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule (the seed's: warmup, then cosine)
+
+def get_lr(step, total_steps, config):
+    """Linear warmup from 0 over warmup_iters (step 0 has lr 0, as in Hugging Face's schedule, which the seed's run
+    used), then cosine from the peak down to min_lr at total_steps. decay_lr false: the peak stays (DS2's code)."""
+    if step < config.warmup_iters:
+        return config.learning_rate * step / config.warmup_iters
+    if not config.decay_lr:
+        return config.learning_rate
+    progress = min(1.0, (step - config.warmup_iters) / max(1, total_steps - config.warmup_iters))
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and outputs: written atomically, loaded weights-only
+
+def atomic_write(path, write):
+    """write(f) into a temporary file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, checkpoint):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def load_checkpoint(path):
+    """A ds2.py checkpoint: tensors and plain values only (weights_only), so a pickle that would run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found (--resume reads out_dir/ckpt.pt; --init_from takes a "
+                                f"ds2.py checkpoint file or a Hugging Face T5 folder)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused: it holds objects a weights-only load does not allow (a pickle that "
+                         f"could run code, or not a checkpoint of this script): {e}") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({e}); is it cut off?") from None
+    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
+        raise ValueError(f"{path}: not a ds2.py checkpoint (no model / model_config)")
+    return checkpoint
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def trim_log(path, last_step):
+    """On resume, drop log rows past the checkpoint (a crashed run may have logged steps it then lost)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        write_text(path, "".join(line + "\n" for line in rows))
+
+
+def build_model(config, meta, checkpoint=None, where=""):
+    """The T5 of a run: from a ds2.py checkpoint (resume; warm start with --init_from x.pt, e.g. stage 1), from a
+    Hugging Face T5 folder (--init_from path/to/t5-small), or from scratch with the Config's architecture."""
+    if checkpoint is None and config.init_from != "scratch" and not Path(config.init_from).is_dir():
+        checkpoint, where = load_checkpoint(config.init_from), config.init_from
+    if checkpoint is not None:
+        if checkpoint.get("spm_sha256") != meta["spm"]["sha256"]:
+            raise ValueError(f"{where} was trained on token ids of another SentencePiece model than "
+                             f"{Path(config.data_dir) / 'spm.model'}: prepare the data with the same --spm")
+        model = T5(T5Config(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    elif config.init_from != "scratch":
+        model = T5.from_pretrained(config.init_from)
+        if meta["spm"]["sha256"] != T5_SPM_SHA256:  # every public T5 checkpoint reads ids of T5's spiece.model
+            print(f"warning: {config.data_dir} was tokenized with another SentencePiece model than T5's: the "
+                  f"pretrained embeddings of {config.init_from} do not match its ids (data_multiwoz.py --spm)")
+    else:
+        vocab_size = -(-meta["vocab_size"] // 128) * 128  # padded to a multiple of 128, like t5-small's 32128
+        model = T5(T5Config(vocab_size=vocab_size, **{k: getattr(config, k) for k in MODEL_KEYS}))
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise ValueError(f"the data's vocabulary ({meta['vocab_size']} pieces) does not fit the model's "
+                         f"{model.config.vocab_size} embeddings ({config.init_from}): use data made with its --spm")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+def setup(config):
+    """(device, dtype, autocast): bf16 autocast on CUDA where supported, else fp16 (with a GradScaler); fp32 on CPU."""
+    name = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: CUDA is not available here; use --device cpu (or auto)")
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    if config.dtype != "auto":
+        dtype = getattr(torch, config.dtype)
+    elif device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    return device, dtype, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def human(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def train(config):
+    """One run: data, model, the AMP + gradient-accumulation loop, evaluations with early stopping on dev JGA,
+    and a final test evaluation of the best checkpoint."""
+    accum = validate(config)
+    device, dtype, autocast = setup(config)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
+    torch.manual_seed(config.seed)
+    out_dir = Path(config.out_dir)
+    meta, sp = read_meta(config.data_dir)
+    train_data = load_split(config, config.train_split, meta, train=True)
+    val_data = load_split(config, config.val_split, meta)
+    if config.eval_examples:
+        val_data["rows"] = val_data["rows"][:config.eval_examples]
+    rows, slots = train_data["rows"], eval_slots(config)
+    steps_per_epoch = math.ceil(len(rows) / config.batch_size)
+    total_steps = config.max_iters or config.epochs * steps_per_epoch
+    print(f"data: {len(rows):,} training turns of {config.train_split} ({steps_per_epoch} steps per epoch), "
+          f"{len(val_data['rows']):,} turns of {config.val_split} per evaluation, {len(slots)} slots scored")
+    if config.warmup_iters >= total_steps:  # e.g. the seed's 1 epoch on a small training set
+        print(f"note: --warmup_iters {config.warmup_iters} >= the run's {total_steps} steps: the LR never reaches "
+              f"--learning_rate {config.learning_rate}")
+
+    checkpoint = None
+    if config.resume:
+        checkpoint = load_checkpoint(out_dir / "ckpt.pt")
+    elif (out_dir / "ckpt.pt").exists():
+        raise ValueError(f"{out_dir / 'ckpt.pt'} exists from an earlier run: continue it with --resume, or choose "
+                         f"another --out_dir (nothing is overwritten)")
+    model = build_model(config, meta, checkpoint, out_dir / "ckpt.pt").to(device)
+    optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                           config.eps, device.type)
+    state = dict(step=0, tokens_seen=0, train_time_s=0.0, best_jga=-1.0, best_val_loss=math.inf, best_step=0,
+                 bad_evals=0, stopped=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        state.update(checkpoint["state"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if device.type == "cuda" and len(checkpoint["rng_cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        trim_log(out_dir / "log.jsonl", state["step"])
+        print(f"resumed from {out_dir / 'ckpt.pt'} at step {state['step']:,} (best dev JGA so far "
+              f"{state['best_jga']:.2%}, {state['bad_evals']} evaluation(s) without improvement)")
+    else:
+        write_text(out_dir / "log.jsonl", "")
+    train_model = torch.compile(model, dynamic=True) if config.compile else model  # batches vary in length
+    print(f"model: T5 {model.num_params() / 1e6:.2f}M parameters, {asdict(model.config)}")
+    print(f"batch: {config.batch_size} examples = {config.micro_batch_size} (micro-batch) x {accum} (accumulation); "
+          f"{total_steps:,} steps; device {device}, dtype {str(dtype).removeprefix('torch.')}")
+
+    while state["step"] < total_steps and not state["stopped"]:
+        step = state["step"]
+        lr = get_lr(step, total_steps, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        batch = batch_rows(step, config.seed, rows, config.batch_size)
+        src_tokens, tgt_tokens = token_counts(train_data, batch, config)
+        train_model.train()
+        loss_sum = torch.zeros((), device=device)
+        for i in range(0, len(batch), config.micro_batch_size):
+            micro = batch[i:i + config.micro_batch_size]
+            src, labels = get_batch(train_data, micro, config, device)
+            with autocast:
+                _, loss = train_model(src, labels)
+                # weighted by target tokens: the step's loss is the mean over all its target tokens, however the
+                # batch is cut into micro-batches (the seed's "loss / accumulation steps" for equal-sized ones)
+                loss = loss * (token_counts(train_data, micro, config)[1] / tgt_tokens)
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+        lossf = loss_sum.item()
+        if not math.isfinite(lossf):
+            raise FloatingPointError(f"loss is {lossf} at step {step:,} (lr {lr:.2e}): stopped before updating; the "
+                                     f"last good checkpoint {out_dir / 'ckpt.pt'} is kept. Resume it with a lower "
+                                     f"--learning_rate or another --dtype")
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)  # in fp16 the scaler skips a step whose gradients overflowed, then lowers its scale
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        state["step"] = step = step + 1
+        state["tokens_seen"] += src_tokens + tgt_tokens
+        state["train_time_s"] += dt
+        append_jsonl(out_dir / "log.jsonl", {"step": step, "loss": lossf, "lr": lr, "tokens": state["tokens_seen"],
+                                             "dt": dt})
+        if step % config.log_interval == 0 or step in (1, total_steps):
+            print(f"step {step:,}/{total_steps:,} | epoch {(step - 1) // steps_per_epoch} | loss {lossf:.4f} | "
+                  f"lr {lr:.2e} | tokens {human(state['tokens_seen'])} | {dt * 1000:.1f} ms | "
+                  f"{(src_tokens + tgt_tokens) / dt:,.0f} tok/s")
+        due = step % config.eval_interval == 0 if config.eval_interval else step % steps_per_epoch == 0
+        run = {"model_config": asdict(model.config), "config": asdict(config), "spm_sha256": meta["spm"]["sha256"]}
+        if due or step == total_steps:
+            val_loss = estimate_loss(model, val_data, config, autocast, device)
+            metrics, records = evaluate(model, val_data, config, sp, autocast, device, slots,
+                                        f"eval {config.val_split}")
+            # best = highest dev JGA; between equal JGAs (all 0 early on) the lower validation loss
+            improved = (metrics["jga"], -val_loss) > (state["best_jga"], -state["best_val_loss"])
+            if improved:
+                state.update(best_jga=metrics["jga"], best_val_loss=val_loss, best_step=step, bad_evals=0)
+            else:
+                state["bad_evals"] += 1
+            state["stopped"] = config.patience > 0 and state["bad_evals"] >= config.patience
+            print(f"eval step {step:,} | val loss {val_loss:.4f} | {format_metrics(metrics)} | best jga "
+                  f"{state['best_jga']:.2%} (step {state['best_step']:,})")
+            for r in records[:3]:
+                print(f"  gold: {r['gold_summary']}\n  pred: {r['gen_summary']}")
+            append_jsonl(out_dir / "log.jsonl", {"step": step, "val_loss": val_loss, **metrics})
+            if improved:  # best.pt first: a crash before ckpt.pt is rewritten replays this evaluation on resume
+                save_checkpoint(out_dir / "best.pt", {"model": model.state_dict(), "step": step, "metrics": metrics,
+                                                      "val_loss": val_loss, **run})
+            if state["stopped"]:
+                print(f"early stop: no better dev JGA in {config.patience} evaluations")
+        if due or step in (total_steps, config.stop_step):
+            save_checkpoint(out_dir / "ckpt.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "state": dict(state),  # step (the data position too: epoch, batch = divmod(step, steps per epoch)),
+                "epoch": step // steps_per_epoch, "position": step % steps_per_epoch,  # best JGA, patience count
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [], **run})
+        if step == config.stop_step and step < total_steps:
+            print(f"stopped at --stop_step {step}; continue with --resume")
+            return None
+
+    best = load_checkpoint(out_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    test_data = load_split(config, config.test_split, meta)
+    metrics, records = evaluate(model, test_data, config, sp, autocast, device, slots, f"test {config.test_split}")
+    write_results(out_dir, config.test_split, metrics, records,
+                  {"checkpoint": str(out_dir / "best.pt"), "step": best["step"], "val_jga": best["metrics"]["jga"],
+                   "train_time_s": state["train_time_s"], "config": asdict(config)})
+    print(f"test {config.test_split} (best.pt, step {best['step']:,}, dev jga {best['metrics']['jga']:.2%}): "
+          f"{format_metrics(metrics)}")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: validation loss; decode -> summary -> state (inverse rules) -> JGA
+
+def eval_slots(config):
+    """The slots scored: a held-out domain's own in cross-domain fine-tuning (only_domain), all others when
+    pre-training without it (except_domain), else all 30."""
+    if config.only_domain:
+        return [s for s in SLOTS if s.startswith(config.only_domain + "-")]
+    return [s for s in SLOTS if not (config.except_domain and s.startswith(config.except_domain + "-"))]
+
+
+@torch.no_grad()
+def estimate_loss(model, data, config, autocast, device):
+    """Mean loss per target token over the evaluated rows, with teacher forcing as in training."""
+    model.eval()
+    rows, total, count = data["rows"], 0.0, 0
+    for i in range(0, len(rows), config.eval_batch_size):
+        src, labels = get_batch(data, rows[i:i + config.eval_batch_size], config, device)
+        with autocast:
+            _, loss = model(src, labels)
+        n = int((labels != -100).sum())
+        total, count = total + loss.item() * n, count + n
+    return total / count
+
+
+def decode_summary(sp, ids):
+    """The text of generated ids up to EOS; ids outside the SentencePiece vocabulary (T5's padding rows) drop out."""
+    ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+    return sp.decode([i for i in ids if PAD_ID < i < sp.get_piece_size()])
+
+
+def progress(label, done, total, start, every=10.0):
+    """One line with the rate and ETA, at most every `every` seconds and once at the end."""
+    now = time.time()
+    if done == total or now - progress.last >= every:
+        progress.last, rate = now, done / max(now - start, 1e-9)
+        print(f"{label}: {done:,}/{total:,} turns | {rate:,.1f} turns/s | eta {(total - done) / rate:.0f}s")
+progress.last = 0.0
+
+
+@torch.no_grad()
+def evaluate(model, data, config, sp, autocast, device, slots, label):
+    """Generate a summary for every row, read it back into a state with the inverse rules, and score the states
+    against the gold ones. Returns (metrics, records), one record per turn in row order."""
+    model.eval()
+    rows = data["rows"]
+    order = rows[np.argsort(-data["idx"][rows, 1], kind="stable")]  # similar lengths together: little padding
+    summaries, start = {}, time.time()
+    for i in range(0, len(order), config.eval_batch_size):
+        chunk = order[i:i + config.eval_batch_size]
+        src, _ = get_batch(data, chunk, config, device)
+        with autocast:
+            out = model.generate(src, config.max_new_tokens, config.num_beams, config.length_penalty)
+        summaries.update((int(row), decode_summary(sp, ids)) for row, ids in zip(chunk, out.tolist()))
+        progress(label, i + len(chunk), len(order), start)
+    records = []
+    for row in rows:
+        ex, summary = data["examples"][row], summaries[int(row)]
+        records.append(dict(dialogue_id=ex["dialogue_id"], turn=ex["turn"], gold_state=ex["state"],
+                            pred_state=summary_to_state(summary), gold_summary=ex["summary"], gen_summary=summary))
+    metrics = compute_metrics([r["pred_state"] for r in records], [r["gold_state"] for r in records], slots)
+    metrics["summary_em"] = sum(r["gen_summary"] == r["gold_summary"] for r in records) / len(records)
+    return metrics, records
+
+
+def format_metrics(m):
+    domains = ", ".join(f"{d} {v:.1%}" for d, v in m["per_domain_jga"].items())
+    return (f"jga {m['jga']:.2%} | slot acc {m['slot_acc']:.2%} | slot f1 {m['slot_f1']:.2%} | summary em "
+            f"{m['summary_em']:.2%} | per-domain jga: {domains or '-'} | {m['n_turns']:,} turns")
+
+
+def write_results(out_dir, split, metrics, records, extra):
+    """{split}_predictions.jsonl (per turn: ids, gold and predicted state and summary) and {split}_metrics.json."""
+    write_text(out_dir / f"{split}_predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_text(out_dir / f"{split}_metrics.json", json.dumps({"split": split, **metrics, **extra}, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+def evaluate_command(config):
+    """`evaluate`: score --init_from (a ds2.py checkpoint or a Hugging Face folder; default out_dir/best.pt)
+    on --split."""
+    device, _, autocast = setup(config)
+    meta, sp = read_meta(config.data_dir)
+    if config.init_from == "scratch":
+        config = dataclasses.replace(config, init_from=str(Path(config.out_dir) / "best.pt"))
+    model = build_model(config, meta).to(device)
+    data = load_split(config, config.split, meta)
+    metrics, records = evaluate(model, data, config, sp, autocast, device, eval_slots(config),
+                                f"evaluate {config.split}")
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir, config.split, metrics, records, {"checkpoint": config.init_from, "config": asdict(config)})
+    print(f"{config.split} ({config.init_from}): {format_metrics(metrics)}")
+    return metrics
+
+
+def roundtrip_command(config):
+    """`roundtrip`: the share of a split's gold states that come back exactly from state -> summary -> state: the
+    ceiling of any model read through the templates (DS2's own converter: 91.3% on MultiWOZ 2.1 test)."""
+    states = [ex["state"] for ex in read_examples(Path(config.data_dir) / f"{config.split}.jsonl")]
+    failures = roundtrip(states)
+    for i, state, summary, parsed in failures:
+        print(f"FAIL example {i}: {json.dumps(state)}\n  summary: {summary}\n  parsed:  {json.dumps(parsed)}")
+    exact = len(states) - len(failures)
+    print(f"round trip {config.split}: {exact:,}/{len(states):,} states exact = {exact / max(1, len(states)):.3%}")
+    return exact / max(1, len(states))
+
+
+def main(argv=None):
+    if hasattr(sys.stdout, "reconfigure"):  # log lines appear as they happen, also in a file or a pipe
+        sys.stdout.reconfigure(line_buffering=True)
+    try:
+        command, config = parse_args(sys.argv[1:] if argv is None else argv)
+        {"train": train, "evaluate": evaluate_command, "roundtrip": roundtrip_command}[command](config)
+    except (ValueError, FileNotFoundError) as e:  # the user's input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:               # the run diverged
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

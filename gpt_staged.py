@@ -1,0 +1,1310 @@
+"""
+Staged sequence-length training of GPT-2, one epoch, in one file (raw PyTorch, no framework).
+
+The method (seed 002, "How does Staged Sequence Training Interact with One Epoch Training?"): train GPT-2 124M
+for one epoch over OpenWebText, 512 sequences per optimizer step. For the first `stage_frac` of the steps every
+sequence is cut to its first `stage_len` tokens (128), keeping the number of sequences per step; after that the
+full context (1024). Experiment 2 (`--match_tokens`) appends full-context steps until the tokens seen equal the
+baseline's. The file reads top to bottom: config -> model -> the staged plan -> data -> LR schedule -> checkpoints
+-> training loop -> evaluation -> main.
+
+Data: `data_dir/train.bin`, `val.bin` (uint16 GPT-2 token ids, <|endoftext|> after every document) and
+`meta.json`, as written by data_owt.py. Sample i of a bin is tokens [i*block_size, i*block_size + block_size + 1).
+
+    python gpt_staged.py plan --stage_frac 0.25 --num_samples 12574161    # the seed's arithmetic, no data needed
+    python gpt_staged.py                                                   # baseline: 1024 all the way
+    python gpt_staged.py --stage_frac 0.25                                 # Experiment 1
+    python gpt_staged.py --stage_frac 0.25 --match_tokens                  # Experiment 2
+    torchrun --standalone --nproc_per_node 8 gpt_staged.py --stage_frac 0.25   # DDP: NCCL on GPUs, gloo on CPU
+    python gpt_staged.py --preset cpu --data_dir data/gutenberg --out_dir out/cpu --stage_frac 0.25   # CPU, minutes
+    python gpt_staged.py --preset cpu --data_dir data/gutenberg --out_dir out/cpu --stage_frac 0.25 --resume
+    python gpt_staged.py --init_from path/to/gpt2 --stage_frac 0.25   # start from a local Hugging Face GPT-2 folder
+
+Every Config field is a flag: `--key=value` or `--key value` (a bare `--flag` means true); `--preset NAME` is
+applied first. Each run writes to out_dir: ckpt.pt (latest checkpoint), log.jsonl (one row per step and per
+evaluation) and results.jsonl (one row per finished run).
+"""
+import dataclasses
+import difflib
+import functools
+import itertools
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class Config:
+    # model: GPT-2 124M, the seed's "base" model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024          # seed: n_ctx 1024
+    vocab_size: int = 50304         # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
+    dropout: float = 0.0            # seed: no dropout
+    bias: bool = True               # GPT-2 has biases in its Linear and LayerNorm layers
+    init_from: str = "scratch"      # 'scratch' or a local Hugging Face GPT-2 folder (config.json + weights)
+    # data and batch
+    data_dir: str = "data/owt"
+    batch_size: int = 512           # seed: 512 sequences per optimizer step (all processes, all micro-steps)
+    micro_batch_size: int = 16      # sequences per forward/backward on one process
+    gradient_accumulation_steps: int = 0  # 0 = derived: batch_size / (micro_batch_size x world_size)
+    max_iters: int = 0              # 0 = one epoch: num_samples // batch_size steps (seed: one epoch)
+    # the staged method
+    stage_frac: float = 0.0         # share of the steps at the short context; 0 = baseline (seed Exp 1: 0.25)
+    stage_len: int = 128            # seed: context 128 in the short stage, then block_size
+    match_tokens: bool = False      # seed Exp 2: extra full-context steps until tokens seen = baseline's
+    stage_mode: str = "truncate"    # 'truncate' (seed: drop each sample's tail) or 'reshape' (cut each sample into
+                                    # block_size / context rows: tokens per step constant, nothing dropped)
+    recycle: bool = False           # with match_tokens: the extra steps re-read the truncated samples at full
+                                    # context (seed question 2) instead of a second epoch's (the seed's Exp 2)
+    stages: str = ""                # several short stages, 'context:fraction,...' e.g. '128:0.25,256:0.25'
+                                    # (seed: 128 -> 256 over 50% was ~1 PPL worse); replaces stage_frac/stage_len
+    length_warmup: bool = False     # context grows linearly from stage_len to block_size over the stage_frac steps
+    length_step: int = 8            # ... rounded down to a multiple of this (DeepSpeed: difficulty_step 8)
+    lr_decay_by: str = "steps"      # 'steps' (seed) or 'tokens' (DeepSpeed's advice when truncating)
+    # optimizer and LR schedule
+    learning_rate: float = 6e-4     # peak LR (the seed does not state it; nanoGPT's value for GPT-2 124M)
+    min_lr: float = 6e-5            # seed: cosine down to 10% of the peak
+    warmup_iters: int = 2000        # seed: warmup from 0 to the peak over the first 2000 batches
+    lr_decay_frac: float = 0.9      # seed: cosine over 90% of the remaining steps, the last 10% flat at min_lr
+    weight_decay: float = 0.1       # seed: 0.1 on all weights except biases and LayerNorm
+    decay_wpe: bool = True          # decay the position table like every other weight (see configure_optimizers)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # clip the global gradient norm; 0 = off
+    # evaluation, logging, checkpoints
+    eval_interval: int = 1000       # evaluate and checkpoint every this many steps (and at the end)
+    eval_iters: int = 100           # micro-batches in the fixed validation subset
+    log_interval: int = 10
+    out_dir: str = "out"
+    run_name: str = ""              # '' = derived from the stage settings
+    resume: bool = False            # continue from out_dir/ckpt.pt
+    stop_step: int = 0              # stop after this step with a checkpoint, continue later with --resume; 0 = off
+    # system
+    device: str = "auto"            # 'auto' = cuda if available, else cpu
+    dtype: str = "auto"             # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU
+    compile: bool = False           # torch.compile (GPU); it recompiles once, at the stage switch
+    peak_flops: float = 312e12      # MFU denominator per device: A100 bf16 peak; on a CPU MFU is only relative
+    seed: int = 1337
+    num_samples: int = 0            # plan command only: samples in train.bin (0 = count them in data_dir)
+    extra_val: str = ""             # a second validation bin (e.g. WikiText-2 test), evaluated beside val.bin
+    # sample and ppl commands
+    ckpt: str = ""                  # a checkpoint of this script (out/x/ckpt.pt); else --init_from a GPT-2 folder
+    bpe_dir: str = ""               # GPT-2 BPE folder (encoder.json + vocab.bpe); '' = tiktoken's cache
+    prompt: str = "\n"
+    max_new_tokens: int = 100
+    temperature: float = 0.0        # 0 = greedy decoding (seed question 3); else sample from softmax(logits / t)
+    top_k: int = 0                  # sample among the k most likely tokens; 0 = all
+    text_file: str = ""             # ppl: any UTF-8 text, tokenized on the fly
+    # report command: named runs one after another, then a table and a plot
+    runs: str = "baseline,baseline_seed2,exp1,exp2,reshape,recycle,two_stage,linear"
+    report_only: bool = False       # rebuild report.md and val_loss.png from the runs' files, train nothing
+
+
+PRESETS = {
+    # About 5 minutes on 2 busy cores over GPT-2 tokens of Gutenberg books; 256 and 32 keep the seed's 8:1. The
+    # GPT-2 vocabulary head (50304 x 128) dominates: ~4.5 s per 256-token step, 0.3-2 s per 32-token step.
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, stage_len=32, batch_size=8, micro_batch_size=8,
+                max_iters=80, learning_rate=2e-3, min_lr=2e-4, warmup_iters=8, eval_interval=40, eval_iters=4,
+                log_interval=5),
+    # Seconds, for tests and for checking that a data folder works end to end.
+    "smoke": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, stage_len=16, batch_size=8, micro_batch_size=4,
+                  max_iters=20, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, eval_interval=10, eval_iters=2,
+                  log_interval=1),
+}
+COMMANDS = ("train", "plan", "sample", "ppl", "report")
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+def parse_value(key, text, kind):
+    if kind is bool:
+        if text.lower() not in BOOL_WORDS:
+            raise ValueError(f"--{key} expects a bool (true/false/1/0/yes/no), got {text!r}")
+        return BOOL_WORDS[text.lower()]
+    try:
+        return kind(text)
+    except ValueError:
+        article = "an" if kind is int else "a"
+        raise ValueError(f"--{key} expects {article} {kind.__name__}, got {text!r}") from None
+
+
+def parse_args(argv):
+    """[command] then --key=value / --key value / --flag; --preset NAME is applied first. Returns (command, Config)."""
+    argv = list(argv)
+    command = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    types["preset"] = str
+    pairs, i = [], 0
+    while i < len(argv):
+        if not argv[i].startswith("--"):
+            raise ValueError(f"unexpected argument {argv[i]!r}: options look like --key=value or --key value")
+        key, has_value, value = argv[i][2:].partition("=")
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            raise ValueError(f"unknown config key --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if not has_value and following is not None and not following.startswith("--") \
+                and (types[key] is not bool or following.lower() in BOOL_WORDS):
+            value, i = following, i + 1
+        elif not has_value and types[key] is bool:
+            value = "true"                          # a bare --flag means true
+        elif not has_value:
+            raise ValueError(f"--{key} needs a value (--{key}=VALUE or --{key} VALUE)")
+        pairs.append((key, value))
+        i += 1
+    config = Config()
+    for key, value in pairs:
+        if key == "preset":
+            if value not in PRESETS:
+                raise ValueError(f"unknown preset {value!r} (presets: {', '.join(PRESETS)})")
+            config = dataclasses.replace(config, **PRESETS[value])
+    for key, value in pairs:
+        if key != "preset":
+            setattr(config, key, parse_value(key, value, types[key]))
+    validate(config)
+    return command, config
+
+
+def validate(config, world_size=1):
+    """Cross-field checks that name the key and what to do. Returns the gradient accumulation steps."""
+    c = config
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "micro_batch_size",
+                "eval_interval", "eval_iters", "log_interval"):
+        if getattr(c, key) <= 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(c, key)}")
+    for key in ("max_iters", "warmup_iters", "gradient_accumulation_steps", "stop_step", "num_samples",
+                "weight_decay", "grad_clip"):
+        if not getattr(c, key) >= 0:
+            raise ValueError(f"--{key} must be >= 0, got {getattr(c, key)}")
+    if c.n_embd % c.n_head:
+        raise ValueError(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}: "
+                         f"choose n_embd = n_head x head size")
+    if not 0 <= c.stage_frac < 1:
+        raise ValueError(f"--stage_frac must be in [0, 1) (0 = baseline; the seed's Exp 1 uses 0.25), "
+                         f"got {c.stage_frac}")
+    if not 0 < c.stage_len <= c.block_size:
+        raise ValueError(f"--stage_len must be in 1..block_size ({c.block_size}), got {c.stage_len}")
+    for key, allowed in (("stage_mode", ("truncate", "reshape")), ("lr_decay_by", ("steps", "tokens"))):
+        if getattr(c, key) not in allowed:
+            raise ValueError(f"--{key} must be {' or '.join(allowed)}, got {getattr(c, key)!r}")
+    short = parse_stages(c.stages, c.block_size) or ([(c.stage_len, c.stage_frac)] if c.stage_frac else [])
+    if c.stages and c.stage_frac:
+        raise ValueError("--stages replaces --stage_frac/--stage_len: give one of them")
+    if c.length_warmup and not (c.stage_frac and c.length_step > 0):
+        raise ValueError("--length_warmup grows the context over the --stage_frac steps: set --stage_frac > 0 "
+                         "(and --length_step > 0), not --stages")
+    if c.stage_mode == "reshape" and (c.length_warmup or any(c.block_size % ctx for ctx, _ in short)):
+        raise ValueError(f"--stage_mode reshape cuts each sample into block_size / context rows: every short "
+                         f"context must divide --block_size {c.block_size} (no --length_warmup)")
+    if c.recycle and not c.match_tokens:
+        raise ValueError("--recycle chooses the samples of match_tokens' extra steps: add --match_tokens")
+    if not 0 < c.learning_rate < 1 or not 0 <= c.min_lr <= c.learning_rate:
+        raise ValueError(f"need 0 < --learning_rate < 1 and 0 <= --min_lr <= learning_rate, "
+                         f"got {c.learning_rate} and {c.min_lr}")
+    if not 0 < c.lr_decay_frac <= 1:
+        raise ValueError(f"--lr_decay_frac must be in (0, 1] (seed: 0.9), got {c.lr_decay_frac}")
+    if not (0 <= c.dropout < 1 and 0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
+        raise ValueError(f"--dropout, --beta1, --beta2 must be in [0, 1), got {c.dropout}, {c.beta1}, {c.beta2}")
+    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
+    if not (c.device in ("auto", "cpu") or c.device.startswith("cuda")):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    if not c.peak_flops > 0:
+        raise ValueError(f"--peak_flops must be positive, got {c.peak_flops}")
+    per_micro_step = c.micro_batch_size * world_size
+    if c.batch_size % per_micro_step:
+        raise ValueError(f"--batch_size {c.batch_size} is not divisible by --micro_batch_size {c.micro_batch_size} x "
+                         f"{world_size} process(es) = {per_micro_step}: batch_size must equal micro_batch_size x "
+                         f"gradient_accumulation_steps x world_size; change --micro_batch_size or --batch_size")
+    accum = c.batch_size // per_micro_step
+    if c.gradient_accumulation_steps not in (0, accum):
+        raise ValueError(f"--gradient_accumulation_steps {c.gradient_accumulation_steps} disagrees with batch_size / "
+                         f"(micro_batch_size x world_size) = {c.batch_size} / ({c.micro_batch_size} x {world_size}) = "
+                         f"{accum}: leave it at 0 (derived) or change --micro_batch_size")
+    return accum
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: GPT-2 from scratch (pre-LN Transformer, learned positions, tied head)
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+
+    def forward(self, x, kv=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is not None:  # decoding only: kv = [k, v] of the earlier positions, extended in place
+            if kv:
+                assert T == 1, "after the prompt, a KV cache takes one token at a time"
+                k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+            kv[:] = [k, v]
+        # flash / memory-efficient kernels where available; is_causal masks future positions for any T (a single
+        # new query against a cache attends to every cached position: no mask)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU; the exact erf form shifts logits by ~3e-4
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)  # eps 1e-5, as GPT-2
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv=None):
+        x = x + self.attn(self.ln_1(x), kv)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by 1/sqrt(2 x n_layer)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)  # GPT-2: std 0.02
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameters, without the position table by default (the token table counts: it is also the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) with any T <= block_size, so a short stage simply passes shorter sequences.
+        Returns logits (B, T, vocab) and the mean cross entropy against targets (None without targets).
+        cache (decoding only): one list per layer, [] at first, holding the keys and values of earlier positions."""
+        start = cache[0][0].size(2) if cache and cache[0] else 0
+        T = start + idx.size(1)
+        assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
+        pos = torch.arange(start, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache[i] if cache is not None else None)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=0, use_cache=True, vocab_limit=0, generator=None):
+        """Append max_new_tokens to idx (B, T): greedy at temperature 0 (seed question 3), else sampled from
+        softmax(logits / temperature) over the top_k tokens (0 = all). The KV cache feeds each new token alone
+        instead of the whole sequence again; once the sequence fills block_size both paths see the last block_size
+        tokens (the cache is rebuilt). vocab_limit masks the padded vocabulary rows (50257..50303).
+        Returns (tokens (B, T + new), the logits each new token was chosen from (B, new, vocab))."""
+        cache, chosen_from = None, []
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.config.block_size:]
+            if not use_cache:
+                logits, _ = self(window)
+            elif cache is None or cache[0][0].size(2) >= self.config.block_size:  # the prompt, or a full cache
+                cache = [[] for _ in self.transformer.h]
+                logits, _ = self(window, cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            logits = logits[:, -1, :].float()
+            if vocab_limit:
+                logits[:, vocab_limit:] = -math.inf
+            chosen_from.append(logits)
+            if temperature == 0:
+                token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                scaled = logits / temperature
+                if top_k:
+                    kth = torch.topk(scaled, min(top_k, scaled.size(-1))).values[:, -1:]
+                    scaled = scaled.masked_fill(scaled < kth, -math.inf)
+                token = torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, token], dim=1)
+        return idx, torch.stack(chosen_from, dim=1)
+
+    @classmethod
+    def from_pretrained(cls, path, block_size=0):
+        """Load a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) without
+        transformers; the vocabulary is the checkpoint's own (50257 for GPT-2), positions optionally cropped."""
+        folder = Path(path)
+        config = read_hf_config(folder)
+        model = cls(config)
+        hf = {k.removeprefix("transformer."): v for k, v in load_hf_tensors(folder).items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))  # causal-mask buffers of old checkpoints
+              and k != "lm_head.weight"}                               # tied to wte
+        ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        if hf.keys() != ours.keys():
+            raise ValueError(f"{folder}: not a GPT-2 checkpoint: missing {sorted(ours.keys() - hf.keys())[:5]}, "
+                             f"unexpected {sorted(hf.keys() - ours.keys())[:5]}")
+        # GPT-2 stores these four as Conv1D (in, out); nn.Linear wants (out, in). attn.c_proj is square, so a
+        # missed transpose would raise nothing: the list must be right.
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for key, target in ours.items():
+                source = hf[key].t() if key.endswith(transposed) else hf[key]
+                if source.shape != target.shape:
+                    raise ValueError(f"{folder}: tensor {key} has shape {tuple(source.shape)}, "
+                                     f"expected {tuple(target.shape)}")
+                target.copy_(source.float())
+        if block_size and block_size < config.block_size:  # fewer positions: keep the first rows of the table
+            model.config = dataclasses.replace(config, block_size=block_size)
+            model.transformer.wpe.weight = nn.Parameter(model.transformer.wpe.weight[:block_size].clone())
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, decay_wpe=True):
+        """AdamW; decay on the 2-D weights (matmuls, embeddings), none on biases and LayerNorm (seed).
+
+        Position rows during a short stage: rows stage_len..block_size-1 get exactly zero gradient, so Adam moves
+        them by nothing, but AdamW's decoupled decay still multiplies them by (1 - lr x weight_decay) every step:
+        over the seed's 6,140 short steps to about 0.74 of their value (the plan prints the figure). The seed
+        decays "all non-bias and LN weights", so by default wpe is decayed too; --decay_wpe false moves the whole
+        position table to the no-decay group instead."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decayed = {n for n, p in params if p.dim() >= 2 and (decay_wpe or n != "transformer.wpe.weight")}
+        decay, no_decay = [p for n, p in params if n in decayed], [p for n, p in params if n not in decayed]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused: one kernel over all parameters instead of ~6 small ops per tensor (CUDA; CPU since torch 2.4, where
+        # on 2 busy cores it cut the optimizer step of the cpu preset from ~0.8 s to ~0.1-0.4 s)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+
+    def estimate_mfu(self, sequences, context, dt, peak_flops):
+        """Model FLOPs utilization of one step of `sequences` x `context` tokens that took dt seconds.
+        FLOPs per token = 6N (weights, forward + backward) + 12 x n_layer x n_embd x T (attention), PaLM appendix
+        B. T must be the step's real context: nanoGPT's estimate uses block_size, which in a 128-token stage counts
+        8x the tokens that were processed and overstates MFU about 8x."""
+        c = self.config
+        flops_per_token = 6 * self.num_params() + 12 * c.n_layer * c.n_embd * context
+        return flops_per_token * sequences * context / dt / peak_flops
+
+
+def read_hf_config(folder):
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --init_from expects a Hugging Face GPT-2 folder holding "
+                                f"config.json and model.safetensors or pytorch_model.bin")
+    hf = json.loads(path.read_text())
+    if not {"n_positions", "vocab_size", "n_layer", "n_head", "n_embd"} <= hf.keys():
+        raise ValueError(f"{path}: not a GPT-2 config.json (needs n_positions, vocab_size, n_layer, n_head, n_embd)")
+    allowed = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * hf["n_embd"]),
+               "layer_norm_epsilon": (1e-5,), "tie_word_embeddings": (True,),
+               "scale_attn_by_inverse_layer_idx": (False,)}
+    differs = [f"{k}={hf[k]!r}" for k, values in allowed.items() if k in hf and hf[k] not in values]
+    if differs:
+        raise ValueError(f"{path}: {', '.join(differs)} differs from GPT-2, the architecture this script implements")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+
+
+def load_hf_tensors(folder):
+    """model.safetensors (read by read_safetensors) or pytorch_model.bin (a weights-only torch.load)."""
+    if (folder / "model.safetensors").is_file():
+        return read_safetensors(folder / "model.safetensors")
+    path = folder / "pytorch_model.bin"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused: it holds objects a weights-only load does not allow "
+                         f"(a pickle that could run code): {refusal_reason(e)}") from None
+
+
+def refusal_reason(error):
+    """torch's weights-only error in one line: what was refused, without its advice to retry with
+    weights_only=False, which would run the code."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))]
+    return " ".join(lines) or "objects other than tensors"
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path):
+    """The safetensors format without the package: 8 bytes little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets from the end of the header), then the raw
+    little-endian tensor bytes (torch.frombuffer reads native order, little-endian on every machine torch runs on)."""
+    buf = bytearray(os.path.getsize(path))
+    with open(path, "rb") as f:
+        f.readinto(buf)
+    n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else 0
+    if len(buf) < 8 or 8 + n > len(buf):
+        raise ValueError(f"{path}: header length {n} does not fit in {len(buf)} bytes: not safetensors or cut off")
+    tensors = {}
+    for name, info in json.loads(buf[8:8 + n]).items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} is {info['dtype']}; only F32, F16 and BF16 are read")
+        dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+        count = math.prod(info["shape"])
+        if end - begin != count * dtype.itemsize or 8 + n + end > len(buf):
+            raise ValueError(f"{path}: tensor {name}: byte range [{begin}, {end}) does not hold shape {info['shape']}")
+        flat = torch.empty(0, dtype=dtype)
+        if count:  # frombuffer refuses an empty range
+            flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The staged method: which context each step uses, and what that costs in tokens
+
+@dataclass(frozen=True)
+class Stage:
+    steps: int
+    context: int   # input tokens per sequence; targets are the next context tokens
+    what: str      # 'short', 'full' or 'extra'
+    reshape: bool = False  # stage_mode reshape: each sample is cut into block_size / context rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple
+    num_samples: int
+    batch_size: int
+    block_size: int
+    steps: int            # the run's main steps (one epoch unless max_iters), before any extra steps
+    recycle: bool = False  # the extra steps re-read the short steps' samples
+
+    @property
+    def total_steps(self):
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step):
+        for stage in self.stages:
+            if step < stage.steps:
+                return stage
+            step -= stage.steps
+        raise IndexError(f"step {step} is past the plan's {self.total_steps} steps")
+
+    def context_at(self, step):
+        """Context length of optimizer step `step` (0-based): this is where 128 switches to 1024."""
+        return self.stage_at(step).context
+
+    def step_tokens(self, stage):
+        """Tokens per step: batch_size x context when truncating, all batch_size x block_size when reshaping."""
+        return self.batch_size * (self.block_size if stage.reshape else stage.context)
+
+    def tokens(self, stage):
+        return stage.steps * self.step_tokens(stage)
+
+    def tokens_before(self, step):
+        """Tokens seen by the steps before `step`: the clock of --lr_decay_by tokens."""
+        seen = 0
+        for stage in self.stages:
+            seen += min(max(step, 0), stage.steps) * self.step_tokens(stage)
+            step -= stage.steps
+        return seen
+
+    @property
+    def tokens_seen(self):
+        return sum(self.tokens(s) for s in self.stages)
+
+    @property
+    def truncated_tokens(self):
+        """Tokens of the samples cut away by the short stage(s): their tails beyond the context."""
+        return sum(s.steps * self.batch_size * (self.block_size - s.context) for s in self.stages if not s.reshape)
+
+    @property
+    def short_steps(self):
+        """The steps whose samples lost their tails: the first short_steps steps of the run."""
+        return sum(s.steps for s in self.stages if s.context < self.block_size and not s.reshape)
+
+    def sample_step(self, step):
+        """Which step's samples (batch_indices) step `step` reads. Recycled extra step k re-reads short step k: every
+        truncated sample once, at full context, in the short stage's order. Otherwise a step reads its own (steps
+        past the epoch: a second, differently seeded permutation)."""
+        if self.recycle and step >= self.steps:
+            return step - self.steps
+        return step
+
+
+def match_tokens_steps(truncated_tokens, batch_size, block_size):
+    """Full-context steps that see as many tokens as the short stage cut away (seed Exp 2: ~5.25k)."""
+    return math.ceil(truncated_tokens / (batch_size * block_size))
+
+
+def parse_stages(text, block_size):
+    """'128:0.25,256:0.25' -> [(128, 0.25), (256, 0.25)]: context 128 for the first 25% of the steps, 256 for the
+    next 25%, then block_size (the seed's two-stage try)."""
+    stages = []
+    for item in filter(None, text.split(",")):
+        context, _, frac = item.partition(":")
+        try:
+            stages.append((int(context), float(frac)))
+        except ValueError:
+            raise ValueError(f"--stages: {item!r} is not context:fraction (e.g. --stages 128:0.25,256:0.25)") from None
+    if not all(0 < c < block_size and f > 0 for c, f in stages) or sum(f for _, f in stages) >= 1:
+        raise ValueError(f"--stages {text}: contexts must be in 1..{block_size - 1} and fractions > 0 with a sum < 1")
+    return stages
+
+
+def short_schedule(steps, stage_frac, stage_len, block_size, stages="", length_warmup=False, length_step=8):
+    """[(context, steps), ...] of the short stages, in order. Linear warmup (DeepSpeed's fixed_linear seqlen
+    curriculum): step t of n has context stage_len + (block_size - stage_len) x t / n, rounded down to a multiple
+    of length_step (DeepSpeed: difficulty_step 8, for tensor cores), never below stage_len."""
+    if length_warmup:
+        n = int(stage_frac * steps + 0.5)
+        grow = (stage_len + (block_size - stage_len) * t // n for t in range(n))
+        contexts = [max(stage_len, c - c % length_step) for c in grow]
+        return [(c, len(list(run))) for c, run in itertools.groupby(contexts)]
+    schedule, done, share = [], 0, 0.0
+    for context, frac in parse_stages(stages, block_size) or ([(stage_len, stage_frac)] if stage_frac else []):
+        share += frac
+        end = int(share * steps + 0.5)             # round half up: 0.25 x 24,558 = 6,139.5 -> 6,140 (seed: ~6k)
+        schedule.append((context, end - done))
+        done = end
+    return schedule
+
+
+def make_plan(num_samples, batch_size, stage_frac, stage_len, block_size, match_tokens=False, max_iters=0,
+              stages="", length_warmup=False, length_step=8, stage_mode="truncate", recycle=False):
+    """Stages of one epoch: the short stage(s), the rest at block_size, then (with match_tokens) extra full-context
+    steps. Truncating keeps the number of sequences per step (seed); reshaping keeps the tokens per step."""
+    epoch_steps = num_samples // batch_size        # the partial last batch is dropped
+    steps = max_iters or epoch_steps
+    short = short_schedule(steps, stage_frac, stage_len, block_size, stages, length_warmup, length_step)
+    plan_stages = [Stage(n, c, "short", stage_mode == "reshape") for c, n in short]
+    plan_stages.append(Stage(steps - sum(n for _, n in short), block_size, "full"))
+    plan = Plan(tuple(s for s in plan_stages if s.steps), num_samples, batch_size, block_size, steps, recycle)
+    if match_tokens:  # recycling must revisit every truncated sample: one extra step per short step
+        extra = plan.short_steps if recycle else match_tokens_steps(plan.truncated_tokens, batch_size, block_size)
+        plan = dataclasses.replace(plan, stages=plan.stages + ((Stage(extra, block_size, "extra"),) if extra else ()))
+    return plan
+
+
+def plan_for(config, num_samples):
+    return make_plan(num_samples, config.batch_size, config.stage_frac, config.stage_len, config.block_size,
+                     config.match_tokens, config.max_iters, config.stages, config.length_warmup, config.length_step,
+                     config.stage_mode, config.recycle)
+
+
+def describe_plan(plan, config):
+    """The plan as printed at the start of a run and by `python gpt_staged.py plan`."""
+    n, b, block = plan.num_samples, plan.batch_size, plan.block_size
+    epoch_steps = n // b
+    lines = [f"plan: {n:,} samples of {block} tokens (+1 target), {b} sequences per step",
+             f"  one epoch = {n:,} / {b} = {n / b:,.1f} -> {epoch_steps:,} steps (the partial last batch of "
+             f"{n - epoch_steps * b:,} samples is dropped)"]
+    if plan.steps != epoch_steps:
+        lines.append(f"  --max_iters {plan.steps:,}: {plan.steps * b / n:.2f} passes over the samples "
+                     f"(each pass a new permutation)")
+    first, stages = 0, list(plan.stages)
+    if config.length_warmup:  # one line for the many short stages of a linear warmup
+        warm = [s for s in stages if s.what == "short"]
+        steps, tokens = sum(s.steps for s in warm), sum(plan.tokens(s) for s in warm)
+        lines.append(f"  warmup     : steps 1..{steps:,} at ctx {warm[0].context} growing linearly to "
+                     f"{warm[-1].context} (multiples of {config.length_step}), {human(tokens)} tokens")
+        first, stages = steps, stages[len(warm):]
+    for i, s in enumerate(stages):
+        shape = f" as {b * block // s.context:,} rows (reshape)" if s.reshape else ""
+        lines.append(f"  stage {i + 1} {s.what:<5}: steps {first + 1:,}..{first + s.steps:,} ({s.steps:,} steps) at "
+                     f"ctx {s.context}{shape}, {human(plan.tokens(s))} tokens")
+        first += s.steps
+    truncated, full = plan.truncated_tokens, plan.steps * b * block
+    lines.append(f"  tokens seen {human(plan.tokens_seen)} = {plan.tokens_seen / full:.1%} of full context all the way "
+                 f"({human(full)})")
+    if config.stage_mode == "reshape":
+        lines.append("  reshape: short steps cut every sample into block_size / ctx rows: nothing truncated, "
+                     "tokens per step constant")
+    if truncated:
+        matched = match_tokens_steps(truncated, b, block)
+        recycle = (f"{plan.short_steps:,} extra full-context steps re-read the {plan.short_steps * b:,} truncated "
+                   f"samples, once each, in the short stage's order ({human(plan.short_steps * b * block)} tokens, "
+                   f"not {human(truncated)}: their heads are read twice)")
+        lines += [f"  tokens truncated away by the short stage: {human(truncated)}; at a step time proportional to "
+                  f"tokens it saves at most {truncated / full:.1%} of the baseline's time",
+                  f"  match_tokens: {matched:,} extra full-context steps ({human(truncated)} / ({b} x {block})) "
+                  + ("are in this plan; they read the samples of a second, differently seeded epoch"
+                     if config.match_tokens and not config.recycle else "(off; --match_tokens adds them)"
+                     if not config.match_tokens else "replaced by recycling (--recycle)"),
+                  f"  recycle: " + (recycle if config.recycle else "off (--recycle true: " + recycle + ")"),
+                  f"  position rows {max(s.context for s in plan.stages if s.what == 'short')}..{block - 1} get no "
+                  f"gradient in the short stage; weight decay alone scales them by "
+                  f"{unused_position_shrink(plan, config):.3f} (--decay_wpe false: 1)"]
+    return "\n".join(lines)
+
+
+def human(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: one epoch over fixed samples, read from memmapped uint16 bins
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(seed, epoch, num_samples):
+    """The visiting order of pass `epoch` over the samples: a seeded permutation, each sample exactly once."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    order.flags.writeable = False
+    return order
+
+
+def batch_indices(step, seed, num_samples, batch_size, world_size=1, rank=0):
+    """Sample indices of optimizer step `step` on process `rank`: a pure function of (seed, step), so a resumed
+    run reads exactly the batches an uninterrupted one would. Step s takes the next batch_size samples of the
+    epoch's permutation; rank r takes the r-th contiguous slice of them, which it then cuts into micro-batches.
+    Steps past one epoch (max_iters, match_tokens) continue in a new permutation: a second epoch."""
+    epoch, position = divmod(step, num_samples // batch_size)
+    batch = epoch_permutation(seed, epoch, num_samples)[position * batch_size:(position + 1) * batch_size]
+    per_rank = batch_size // world_size
+    return batch[rank * per_rank:(rank + 1) * per_rank]
+
+
+def read_meta(data_dir):
+    """meta.json from data_owt.py, or {} (bins made by nanoGPT's prepare.py carry none)."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-run data_owt.py") from None
+
+
+def count_samples(path, block_size, expected_tokens=None):
+    """Samples of block_size + 1 tokens in a bin, after checking the file is a whole uint16 array."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: make the token bins with data_owt.py, or point --data_dir at "
+                                f"a folder holding train.bin and val.bin (the plan command also takes --num_samples)")
+    size = path.stat().st_size
+    if size % 2:
+        raise ValueError(f"{path}: {size:,} bytes, an odd count, so not a file of uint16 tokens (cut off?); "
+                         f"re-run data_owt.py")
+    if expected_tokens is not None and size // 2 != expected_tokens:
+        raise ValueError(f"{path} holds {size // 2:,} tokens but meta.json says {expected_tokens:,}: the file is "
+                         f"truncated or stale; re-run data_owt.py")
+    samples = (size // 2 - 1) // block_size
+    if samples < 1:
+        raise ValueError(f"{path} holds {size // 2:,} tokens, fewer than one sample of block_size + 1 = "
+                         f"{block_size + 1}: use more text or a smaller --block_size")
+    return samples
+
+
+def get_batch(path, indices, context, block_size, vocab_size, device):
+    """Rows of the given samples cut to `context` (+1 target) tokens: the short stage reads the first
+    stage_len + 1 tokens of each sample. Returns int64 inputs x and targets y (B, context)."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")  # opened per batch so its pages do not pile up in our RSS
+    rows = np.stack([data[i * block_size:i * block_size + context + 1] for i in indices]).astype(np.int64)
+    if rows.max() >= vocab_size:  # here, not as a device-side assert deep inside the embedding
+        raise ValueError(f"{path}: token id {rows.max()} >= --vocab_size {vocab_size} (in samples "
+                         f"{indices[:4].tolist()}...): the bins were made with another tokenizer; re-run data_owt.py")
+    xy = torch.from_numpy(rows)
+    if device.type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work
+        xy = xy.pin_memory().to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule (the seed's, exactly)
+
+def get_lr(step, total_steps, config, plan=None):
+    """Linear warmup from 0 over warmup_iters (step 0 has lr 0: "from 0"; step warmup_iters has the peak), then
+    cosine from the peak to min_lr (10% of peak) over lr_decay_frac (90%) of the remaining steps, then flat.
+    --lr_decay_by tokens (given the plan) runs the cosine on tokens seen instead, so that short steps, which see
+    fewer tokens, also decay the LR less (DeepSpeed's advice); the floor comes at lr_decay_frac of the planned
+    tokens after warmup."""
+    if step < config.warmup_iters:
+        return config.learning_rate * step / config.warmup_iters
+    done, total = step - config.warmup_iters, total_steps - config.warmup_iters
+    if plan is not None and config.lr_decay_by == "tokens":
+        warm = plan.tokens_before(config.warmup_iters)
+        done, total = plan.tokens_before(step) - warm, plan.tokens_seen - warm
+    progress = done / (config.lr_decay_frac * total)
+    if progress >= 1:
+        return config.min_lr
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
+
+
+def unused_position_shrink(plan, config):
+    """Factor by which AdamW's decoupled decay alone scales the position rows a short stage never uses:
+    prod over the short steps of (1 - lr_t x weight_decay)."""
+    if not config.decay_wpe:
+        return 1.0
+    short_steps = sum(s.steps for s in plan.stages if s.what == "short")
+    return math.prod(1 - get_lr(t, plan.total_steps, config, plan) * config.weight_decay for t in range(short_steps))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, loaded weights-only
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, config):
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} not found; start the run without --resume, or set --out_dir "
+                                f"to the folder of the run to continue")
+    checkpoint = read_checkpoint(path)
+    changed = [f"{k} {checkpoint['config'][k]} (checkpoint) vs {getattr(config, k)} (now)"
+               for k in MODEL_KEYS if checkpoint["config"][k] != getattr(config, k)]
+    if changed:
+        raise ValueError(f"{path} is from another model configuration: {', '.join(changed)}; resume with the "
+                         f"run's own settings or use another --out_dir")
+    return checkpoint
+
+
+def read_checkpoint(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: give --ckpt the ckpt.pt of a run (out_dir/ckpt.pt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused: it holds objects a weights-only load does not allow (a pickle that "
+                         f"could run code, or not a checkpoint of this script): {refusal_reason(e)}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # a cut-off zip fails in torch's reader with EINVAL
+        raise ValueError(f"{path}: unreadable checkpoint ({e}); is it cut off? Use another copy, or start again "
+                         f"in a new --out_dir") from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint of gpt_staged.py")
+    return checkpoint
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def trim_log(path, last_step):
+    """On resume, drop log rows past the checkpoint (a crashed run may have logged steps it then lost, and cut its
+    last line short)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines()
+                if line.endswith("}") and json.loads(line)["step"] <= last_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in rows))
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+def setup_device(config):
+    """(rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain run is rank 0 of 1."""
+    ddp = "RANK" in os.environ
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: CUDA is not available here; use --device cpu (or auto)")
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" and ddp else name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def pick_dtype(config, device):
+    if config.dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, config.dtype)
+
+
+def train(config):
+    """One run: plan, model, the AMP + gradient-accumulation loop, evaluation, checkpoints, results row."""
+    rank, world_size, device = setup_device(config)
+    master = rank == 0                      # only rank 0 logs and writes files
+    log = print if master else (lambda *args, **kwargs: None)
+    accum = validate(config, world_size)
+    dtype = pick_dtype(config, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only: bf16 has fp32's range
+    torch.manual_seed(config.seed)          # the same initial weights on every rank
+
+    if config.init_from != "scratch":       # the model's shape is the pretrained checkpoint's
+        shape = asdict(read_hf_config(Path(config.init_from)))
+        shape["block_size"] = min(config.block_size, shape["block_size"])
+        config = dataclasses.replace(config, **{k: shape[k] for k in MODEL_KEYS})
+    data_dir, out_dir = Path(config.data_dir), Path(config.out_dir)
+    if not config.resume and (out_dir / "ckpt.pt").exists():
+        raise ValueError(f"{out_dir / 'ckpt.pt'} exists from an earlier run: continue it with --resume, or choose "
+                         f"another --out_dir (nothing is overwritten)")
+    meta = read_meta(data_dir)
+    if meta.get("vocab_size", 0) > config.vocab_size:
+        raise ValueError(f"{data_dir / 'meta.json'}: vocab_size {meta['vocab_size']} > --vocab_size "
+                         f"{config.vocab_size}: raise --vocab_size")
+    train_path, val_path = data_dir / "train.bin", data_dir / "val.bin"
+    num_samples = count_samples(train_path, config.block_size, meta.get("train_tokens"))
+    num_val = count_samples(val_path, config.block_size, meta.get("val_tokens"))
+    extra_path = Path(config.extra_val) if config.extra_val else None
+    num_extra = count_samples(extra_path, config.block_size) if extra_path else 0
+    if num_samples < config.batch_size:
+        raise ValueError(f"{train_path} holds {num_samples:,} samples, fewer than one batch of --batch_size "
+                         f"{config.batch_size}: use more text or a smaller batch")
+    plan = plan_for(config, num_samples)
+    total_steps = plan.total_steps
+    if config.warmup_iters >= total_steps:
+        raise ValueError(f"--warmup_iters {config.warmup_iters} >= the run's {total_steps} steps: lower it")
+    log(describe_plan(plan, config))
+    log(f"batch: {config.batch_size} sequences = {config.micro_batch_size} (micro-batch) x {accum} (accumulation) "
+        f"x {world_size} (processes); device {device}, dtype {str(dtype).removeprefix('torch.')}")
+
+    checkpoint = load_checkpoint(out_dir / "ckpt.pt", config) if config.resume else None
+    if config.init_from != "scratch" and checkpoint is None:
+        model = GPT.from_pretrained(config.init_from, config.block_size)
+    else:
+        model = GPT(GPTConfig(**{k: getattr(config, k) for k in MODEL_KEYS}, dropout=config.dropout))
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters (without the position table)")
+    step, tokens_seen, train_time, best_val = 0, 0, 0.0, math.inf
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                           device.type, config.decay_wpe)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        step, tokens_seen, train_time = checkpoint["step"], checkpoint["tokens_seen"], checkpoint["train_time_s"]
+        best_val = checkpoint["best_val_loss"]
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        if device.type == "cuda" and len(checkpoint["rng_cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        if step >= total_steps:
+            raise ValueError(f"{out_dir / 'ckpt.pt'} is at step {step}: the run's {total_steps} steps are done")
+        log(f"resumed from {out_dir / 'ckpt.pt'} at step {step:,} ({human(tokens_seen)} tokens seen)")
+    raw_model = model
+    if config.compile:  # the stage switch changes the sequence length: one recompile, with dynamic shapes
+        model = torch.compile(model)
+    eval_model = model
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            (out_dir / "log.jsonl").write_text("")
+        else:
+            trim_log(out_dir / "log.jsonl", step)
+
+    def evaluate():
+        val = estimate_loss(eval_model, val_path, num_val, config, autocast, device, rank, world_size)
+        row = {"step": step, "val_loss": val, "tokens": tokens_seen}
+        if extra_path:  # a second validation set, e.g. WikiText-2 test
+            row["extra_val_loss"] = estimate_loss(eval_model, extra_path, num_extra, config, autocast, device, rank,
+                                                  world_size)
+        log(f"step {step:,}: val loss {val:.4f} | val ppl {math.exp(val):.2f} | tokens {human(tokens_seen)}"
+            + (f" | {extra_path.parent.name} ppl {math.exp(row['extra_val_loss']):.2f}" if extra_path else ""))
+        if master:
+            append_jsonl(out_dir / "log.jsonl", row)
+        return row
+
+    last_eval = evaluate() if checkpoint is None else \
+        checkpoint.get("last_eval") or {"val_loss": checkpoint["last_val_loss"]}
+    context = None
+    while step < total_steps:
+        if plan.context_at(step) != context:  # the stage switch: from here on sequences are this long
+            log(f"stage: context {context} -> {plan.context_at(step)} after {step:,} steps" if context else
+                f"stage: context {plan.context_at(step)}")
+        stage = plan.stage_at(step)
+        context, rows = stage.context, config.block_size // stage.context if stage.reshape else 1
+        lr = get_lr(step, total_steps, config, plan)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.time()
+        indices = batch_indices(plan.sample_step(step), config.seed, num_samples, config.batch_size, world_size, rank)
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(accum):
+            micro_batch = indices[micro_step * config.micro_batch_size:(micro_step + 1) * config.micro_batch_size]
+            x, y = get_batch(train_path, micro_batch, context * rows, config.block_size, config.vocab_size, device)
+            x, y = x.reshape(-1, context), y.reshape(-1, context)  # reshape: each sample -> `rows` short rows
+            if world_size > 1:  # all-reduce the gradients only on the last micro-step
+                model.require_backward_grad_sync = micro_step == accum - 1
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / accum  # the step's loss is the mean over all its micro-batches
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+        if world_size > 1:  # the logged loss is the mean over all ranks (gloo has no AVG: SUM, then divide)
+            dist.all_reduce(loss_sum)
+            loss_sum /= world_size
+        lossf = loss_sum.item()
+        if not math.isfinite(lossf):  # every rank sees the same reduced loss, so all stop together
+            raise FloatingPointError(f"loss is {lossf} in step {step + 1:,} (ctx {context}, lr {lr:.2e}): stopped "
+                                     f"before updating; the last good checkpoint {out_dir / 'ckpt.pt'} is kept. "
+                                     f"Resume it with a lower --learning_rate or another --dtype")
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)  # in fp16 the scaler skips a step whose gradients overflowed, then lowers its scale
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1
+        tokens_seen += plan.step_tokens(stage)
+        train_time += dt
+        if master:
+            append_jsonl(out_dir / "log.jsonl", {"step": step, "loss": lossf, "lr": lr, "ctx": context,
+                                                 "tokens": tokens_seen, "dt": dt})
+        if step % config.log_interval == 0 or step in (1, total_steps):
+            mfu = raw_model.estimate_mfu(config.batch_size * rows // world_size, context, dt, config.peak_flops)
+            log(f"step {step:,}/{total_steps:,} | loss {lossf:.4f} | lr {lr:.2e} | ctx {context} | tokens "
+                f"{human(tokens_seen)} | {dt * 1000:.1f} ms | {plan.step_tokens(stage) / dt:,.0f} tok/s | "
+                f"mfu {mfu * 100:.3g}%")
+        if step % config.eval_interval == 0 or step in (total_steps, config.stop_step):
+            last_eval = evaluate()
+            if not math.isfinite(last_eval["val_loss"]):  # the last update broke the weights: do not save them
+                raise FloatingPointError(f"validation loss is {last_eval['val_loss']} after step {step:,}: the "
+                                         f"weights diverged; the last good checkpoint {out_dir / 'ckpt.pt'} is kept. "
+                                         f"Resume it with a lower --learning_rate or another --dtype")
+            best_val = min(best_val, last_eval["val_loss"])
+            if master:
+                save_checkpoint(out_dir / "ckpt.pt", {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "config": asdict(config),
+                    "step": step,  # also the data position: step s reads batch_indices(s), a function of (seed, s)
+                    "tokens_seen": tokens_seen, "train_time_s": train_time,
+                    "best_val_loss": best_val, "last_val_loss": last_eval["val_loss"], "last_eval": last_eval,
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
+        if step == config.stop_step and step < total_steps:
+            log(f"stopped at --stop_step {step}; continue with --resume")
+            break
+
+    name = (f"staged {config.stages}" if config.stages else f"staged {config.stage_frac:.0%} x {config.stage_len}"
+            if config.stage_frac else "baseline") + (" linear" if config.length_warmup else "") \
+        + (" reshape" if config.stage_mode == "reshape" else "") + (" + match_tokens" if config.match_tokens else "") \
+        + (" recycled" if config.recycle else "")
+    result = {"run": config.run_name or name,
+              "stage_frac": config.stage_frac,
+              "stage_len": config.stage_len, "match_tokens": config.match_tokens, "steps": step,
+              "total_steps": total_steps, "tokens_seen": tokens_seen, "val_loss": last_eval["val_loss"],
+              "val_ppl": math.exp(last_eval["val_loss"]), "train_time_s": train_time,
+              **({"extra_val_ppl": math.exp(last_eval["extra_val_loss"])} if "extra_val_loss" in last_eval else {}),
+              "tokens_per_s": tokens_seen / train_time if train_time else 0.0, "config": asdict(config)}
+    if master and step == total_steps:
+        append_jsonl(out_dir / "results.jsonl", result)
+        log("| Model/Experiment | Validation PPL | Training Time (hrs) | Tokens Seen (B) |")
+        log("|------------------|----------------|---------------------|-----------------|")
+        log(results_row(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def estimate_loss(model, val_path, num_val, config, autocast, device, rank=0, world_size=1):
+    """Mean validation loss per token at full context on a fixed subset: the first eval_iters x micro_batch_size
+    samples of val.bin (all of it if shorter), the same every time, so evaluations compare across steps and runs.
+    Under DDP the ranks split the subset's micro-batches and sum; the result does not depend on the rank count."""
+    n = min(config.eval_iters * config.micro_batch_size, num_val)
+    chunks = [np.arange(i, min(i + config.micro_batch_size, n)) for i in range(0, n, config.micro_batch_size)]
+    total = torch.zeros(2, device=device)  # sum of token losses, number of tokens
+    model.eval()
+    for chunk in chunks[rank::world_size]:
+        x, y = get_batch(val_path, chunk, config.block_size, config.block_size, config.vocab_size, device)
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.stack([loss.float() * y.numel(), torch.tensor(float(y.numel()), device=device)])
+    model.train()
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def results_row(result):
+    """A row of the seed's table: | Model/Experiment | Validation PPL | Training Time (hrs) | Tokens Seen (B) |."""
+    return (f"| {result['run']} | {result['val_ppl']:.3f} | {result['train_time_s'] / 3600:.2f} | "
+            f"{result['tokens_seen'] / 1e9:.3g} |")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding (seed question 3) and the perplexity of any text file
+
+def load_model(config, device):
+    """The model of a checkpoint of this script (--ckpt) or of a local Hugging Face GPT-2 folder (--init_from)."""
+    if config.ckpt:
+        checkpoint = read_checkpoint(Path(config.ckpt))
+        model = GPT(GPTConfig(**{k: checkpoint["config"][k] for k in MODEL_KEYS}))
+        model.load_state_dict(checkpoint["model"])
+    elif config.init_from != "scratch":
+        model = GPT.from_pretrained(config.init_from)
+    else:
+        raise ValueError("this command needs a model: --ckpt out/x/ckpt.pt or --init_from path/to/gpt2-folder")
+    return model.to(device).eval()
+
+
+def load_tokenizer(config):
+    from data_owt import get_encoding  # lazy: only decoding and ppl need the tokenizer
+    return get_encoding(config.bpe_dir or None)
+
+
+def sample(config):
+    """Continue --prompt by --max_new_tokens tokens: greedy (--temperature 0) or sampled, with the KV cache."""
+    _, _, device = setup_device(config)
+    enc, model = load_tokenizer(config), load_model(config, device)
+    prompt = enc.encode(config.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    t0 = time.time()
+    tokens, _ = model.generate(torch.tensor([prompt], device=device), config.max_new_tokens, config.temperature,
+                               config.top_k, vocab_limit=enc.n_vocab, generator=generator)
+    dt = time.time() - t0
+    print(enc.decode(tokens[0].tolist()))
+    how = "greedy" if config.temperature == 0 else f"temperature {config.temperature}, top_k {config.top_k or 'all'}"
+    print(f"({config.max_new_tokens} tokens, {how}, KV cache: {dt:.2f} s, {config.max_new_tokens / dt:.1f} tok/s)",
+          file=sys.stderr)
+    return tokens[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def perplexity(config):
+    """Perplexity of --text_file, tokenized on the fly (no <|endoftext|> added). Non-overlapping windows of
+    block_size tokens, as val.bin is evaluated: every token is predicted once, from the tokens before it in its
+    window (a sliding window would give later tokens more context and a lower figure)."""
+    path = Path(config.text_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--text_file {path} not found: give a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); convert it first") from None
+    _, _, device = setup_device(config)
+    enc, model = load_tokenizer(config), load_model(config, device)
+    tokens = torch.tensor(enc.encode_ordinary(text), dtype=torch.long)
+    if len(tokens) < 2:
+        raise ValueError(f"{path}: {len(tokens)} token(s); perplexity needs at least 2")
+    dtype = pick_dtype(config, device)
+    T, starts, total, t0 = model.config.block_size, range(0, len(tokens) - 1, model.config.block_size), 0.0, time.time()
+    for i, start in enumerate(starts):
+        window = tokens[start:start + T + 1].to(device)  # T inputs and their T next tokens
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(window[None, :-1], window[None, 1:])
+        total += loss.item() * (len(window) - 1)
+        if (i + 1) % 50 == 0 or i + 1 == len(starts):
+            rate = (i + 1) / (time.time() - t0)
+            print(f"ppl: window {i + 1:,}/{len(starts):,} | {rate * T:,.0f} tok/s | ETA "
+                  f"{(len(starts) - i - 1) / rate:.0f} s", file=sys.stderr)
+    loss = total / (len(tokens) - 1)
+    print(f"{path}: {len(tokens) - 1:,} tokens predicted in {len(starts):,} non-overlapping windows of up to {T}: "
+          f"loss {loss:.4f} | ppl {math.exp(loss):.3f}")
+    return math.exp(loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report: the seed's runs and the variants, one after another, then the seed's table and figure
+
+def report_runs(config):
+    """name -> (what it is, its overrides). The seed's three runs, a second baseline seed (the noise), the variants."""
+    frac, short = config.stage_frac or 0.25, config.stage_len
+    staged = dict(stage_frac=frac)
+    return {"baseline": ("full context all the way", {}),
+            "baseline_seed2": ("baseline, another seed (init and data order)", dict(seed=config.seed + 1)),
+            "exp1": (f"seed Exp 1: {frac:.0%} of steps at ctx {short}", staged),
+            "exp2": ("seed Exp 2: Exp 1 + match_tokens (second-epoch samples)", dict(staged, match_tokens=True)),
+            "reshape": (f"Exp 1 as reshape: {config.block_size // short} rows per sample",
+                        dict(staged, stage_mode="reshape")),
+            "recycle": ("Exp 2, recycling the truncated samples", dict(staged, match_tokens=True, recycle=True)),
+            "two_stage": (f"ctx {short} for 25%, {2 * short} for 25%", dict(stages=f"{short}:0.25,{2 * short}:0.25")),
+            "linear": (f"linear {short} -> {config.block_size} over {frac:.0%}", dict(staged, length_warmup=True)),
+            "tokens_lr": ("Exp 1, LR decayed by tokens", dict(staged, lr_decay_by="tokens"))}
+
+
+REPORT_KEYS = ("stage_frac", "stages", "match_tokens", "recycle", "length_warmup", "stage_mode", "lr_decay_by", "seed",
+               "out_dir", "run_name", "runs", "report_only", "resume")
+
+
+def report(config):
+    """Train each of --runs as a subprocess in out_dir/NAME (a finished run is kept, an interrupted one resumed),
+    then write out_dir/report.md and out_dir/val_loss.png."""
+    known = report_runs(config)
+    names = [n for n in config.runs.split(",") if n]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"--runs: unknown run(s) {unknown} (known: {', '.join(known)})")
+    out_dir = Path(config.out_dir)
+    defaults = Config()
+    shared = [f"--{k}={v}" for k, v in asdict(config).items() if k not in REPORT_KEYS and v != getattr(defaults, k)]
+    started = time.time()
+    for i, name in enumerate(names if not config.report_only else []):
+        run_dir = out_dir / name
+        if (run_dir / "results.jsonl").is_file():
+            print(f"report: {name} finished earlier, kept")
+            continue
+        overrides = dict(known[name][1], seed=known[name][1].get("seed", config.seed))
+        command = [sys.executable, str(Path(__file__).resolve()), "train", *shared, f"--out_dir={run_dir}",
+                   f"--run_name={name}", *(f"--{k}={v}" for k, v in overrides.items()),
+                   *(["--resume"] if (run_dir / "ckpt.pt").is_file() else [])]
+        print(f"report: run {i + 1}/{len(names)} {name} ({known[name][0]}), log {run_dir / 'train.log'} | "
+              f"{time.time() - started:,.0f} s so far", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "a") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code:
+            raise ValueError(f"report: run {name} failed (exit {code}); see {run_dir / 'train.log'}, then re-run "
+                             f"the report: finished runs are kept")
+    table = write_report(out_dir, names, {n: known[n][0] for n in names})
+    print(table)
+
+
+def write_report(out_dir, names, descriptions=None):
+    """report.md from each run's results.jsonl (its last row), val_loss.png from each run's log.jsonl."""
+    results = {}
+    for name in names:
+        path = out_dir / name / "results.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run {name} has not finished; run the report without "
+                                    f"--report_only, or drop {name} from --runs")
+        results[name] = json.loads(path.read_text().splitlines()[-1])
+    extra = all("extra_val_ppl" in r for r in results.values())
+    extra_name = Path(next(iter(results.values()))["config"]["extra_val"]).parent.name if extra else ""
+    lines = ["| Model/Experiment | Validation PPL | " + (f"{extra_name} PPL | " if extra else "")
+             + "Training Time (hrs) | Tokens Seen (M) | Tokens/s |",
+             "|---|---|" + ("---|" if extra else "") + "---|---|---|"]
+    for name, r in results.items():
+        what = f" ({descriptions[name]})" if descriptions and name in descriptions else ""
+        lines.append(f"| {name}{what} | {r['val_ppl']:.3f} | " + (f"{r['extra_val_ppl']:.3f} | " if extra else "")
+                     + f"{r['train_time_s'] / 3600:.3f} | {r['tokens_seen'] / 1e6:.3f} | {r['tokens_per_s']:,.0f} |")
+    seeds = [results[n]["val_ppl"] for n in ("baseline", "baseline_seed2") if n in results]
+    if len(seeds) == 2:
+        lines.append(f"\nSeed-to-seed noise (baseline vs baseline_seed2): {abs(seeds[0] - seeds[1]):.3f} PPL.")
+    table = "\n".join(lines) + "\n"
+    write_text_atomic(out_dir / "report.md", table)
+    plot_val_loss(out_dir, names, extra_name)
+    return table
+
+
+def plot_val_loss(out_dir, names, extra_name=""):
+    """Validation loss against tokens seen, one line per run, like the seed's figure (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib is not installed, so no val_loss.png (pip install matplotlib); report.md is written")
+        return
+    keys = [("val_loss", "validation loss (val.bin)")] + ([("extra_val_loss", f"{extra_name} loss")]
+                                                          if extra_name else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    for name in names:
+        rows = [json.loads(line) for line in (out_dir / name / "log.jsonl").read_text().splitlines()]
+        for ax, (key, title) in zip(axes[0], keys):
+            points = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r]
+            ax.plot(*zip(*points), marker=".", label=name)
+            ax.set(xlabel="tokens seen (M)", ylabel=title, title=title)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out_dir / "val_loss.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out_dir / "val_loss.png")
+
+
+def write_text_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+def main(argv=None):
+    try:
+        command, config = parse_args(sys.argv[1:] if argv is None else argv)
+        if command == "plan":
+            num_samples = config.num_samples or count_samples(
+                Path(config.data_dir) / "train.bin", config.block_size, read_meta(config.data_dir).get("train_tokens"))
+            print(describe_plan(plan_for(config, num_samples), config))
+        elif command == "sample":
+            sample(config)
+        elif command == "ppl":
+            perplexity(config)
+        elif command == "report":
+            report(config)
+        else:
+            train(config)
+    except (ValueError, FileNotFoundError) as e:  # the user's input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:               # the run diverged
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The staged variants beyond the seed, decoding, perplexity and the report, as a specification.
+
+Run: python -m pytest -q tests/test_staged_variants.py   (CPU, tiny models, data made here + the shared GPT-2 BPE)
+"""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import require_shared
+from test_gpt_staged import SEED_SAMPLES, make_bins, run_train
+
+import gpt_staged as gs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- reshape, recycling, schedules -----------------------------------------------------------------------------
+
+def test_reshape_keeps_tokens_per_step_and_drops_nothing():
+    plan = gs.make_plan(101, 4, 0.25, 8, 32, stage_mode="reshape")
+    assert [plan.context_at(s) for s in range(25)] == [8] * 6 + [32] * 19
+    assert {plan.step_tokens(plan.stage_at(s)) for s in range(25)} == {4 * 32}  # 4 samples as 16 rows of 8
+    assert plan.truncated_tokens == 0 and plan.tokens_seen == 25 * 4 * 32
+    assert gs.make_plan(101, 4, 0.25, 8, 32, match_tokens=True, stage_mode="reshape").total_steps == 25
+
+
+def test_reshape_run_feeds_every_token_of_each_sample_as_short_rows(tmp_path, monkeypatch):
+    seen = []
+    forward = gs.GPT.forward
+    monkeypatch.setattr(gs.GPT, "forward", lambda self, idx, targets=None, cache=None:
+                        seen.append((idx.clone(), targets.clone())) or forward(self, idx, targets, cache))
+    result, rows = run_train(tmp_path, "--stage_frac", "0.25", "--stage_mode", "reshape", "--max_iters", "8",
+                             "--eval_iters", "1")
+    x, y = seen[1]  # seen[0] is the evaluation at step 0; then step 1, micro-step 1 of 2: 4 samples as 16 rows of 16
+    assert x.shape == y.shape == (16, 16)
+    data = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16).astype(np.int64)
+    first = gs.batch_indices(0, 1337, 937, 8)[:4]
+    assert x.reshape(4, 64).tolist() == [data[i * 64:i * 64 + 64].tolist() for i in first]
+    assert y.reshape(4, 64).tolist() == [data[i * 64 + 1:i * 64 + 65].tolist() for i in first]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["ctx"] for r in steps] == [16, 16] + [64] * 6
+    assert [r["tokens"] for r in steps] == [8 * 64 * k for k in range(1, 9)]
+    assert result["tokens_seen"] == 8 * 8 * 64
+
+
+def test_recycled_steps_read_exactly_the_truncated_samples_each_once():
+    plan = gs.make_plan(1003, 16, 0.25, 8, 32, match_tokens=True, recycle=True)
+    assert plan.short_steps == 16 and plan.total_steps == 62 + 16  # one extra step per truncated batch
+    truncated = np.concatenate([gs.batch_indices(plan.sample_step(s), 7, 1003, 16) for s in range(16)])
+    recycled = np.concatenate([gs.batch_indices(plan.sample_step(s), 7, 1003, 16) for s in range(62, 78)])
+    assert len(set(recycled.tolist())) == len(recycled) == 16 * 16
+    assert recycled.tolist() == truncated.tolist()  # the same samples, in the short stage's order
+    assert {plan.context_at(s) for s in range(62, 78)} == {32}
+    second_epoch = gs.make_plan(1003, 16, 0.25, 8, 32, match_tokens=True)  # the seed's Exp 2: 12 steps, new samples
+    assert second_epoch.total_steps == 62 + 12 and second_epoch.sample_step(62) == 62
+    assert not set(gs.batch_indices(62, 7, 1003, 16).tolist()) <= set(truncated.tolist())
+
+
+def test_two_stage_schedule_gives_each_context_its_share_of_the_steps():
+    plan = gs.make_plan(101, 4, 0, 8, 32, stages="8:0.25,16:0.25")  # 6.25 -> 6 steps, 12.5 -> 13: 7 more
+    assert [plan.context_at(s) for s in range(25)] == [8] * 6 + [16] * 7 + [32] * 12
+    assert plan.tokens_seen == 4 * (6 * 8 + 7 * 16 + 12 * 32)
+    assert plan.truncated_tokens == 4 * (6 * 24 + 7 * 16)
+    seed = gs.make_plan(SEED_SAMPLES, 512, 0, 128, 1024, stages="128:0.25,256:0.25")  # the seed's 128 -> 256 try
+    assert [(s.steps, s.context) for s in seed.stages] == [(6_140, 128), (6_139, 256), (12_279, 1024)]
+
+
+def test_linear_length_warmup_grows_in_multiples_of_length_step():
+    plan = gs.make_plan(SEED_SAMPLES, 512, 0.25, 128, 1024, length_warmup=True, length_step=8)
+    contexts = [plan.context_at(s) for s in range(6_141)]
+    assert contexts[0] == 128 and contexts[6_139] == 1016 and contexts[6_140] == 1024
+    assert all(c % 8 == 0 for c in contexts) and contexts == sorted(contexts)
+    assert contexts[3_070] == 128 + 896 // 2  # halfway: halfway between 128 and 1024
+    assert plan.tokens_seen == 512 * (sum(contexts[:6_140]) + 18_418 * 1024)
+
+
+def test_token_based_lr_decay_reaches_its_floor_at_the_planned_token_count():
+    config = gs.Config(lr_decay_by="tokens")  # seed LR: 2000 warmup steps, cosine to 10% over 90%, then flat
+    plan = gs.make_plan(SEED_SAMPLES, 512, 0.25, 128, 1024)
+    warm = plan.tokens_before(2000)
+    floor = warm + 0.9 * (plan.tokens_seen - warm)
+    first = next(s for s in range(plan.total_steps) if plan.tokens_before(s) >= floor)
+    assert gs.get_lr(first, plan.total_steps, config, plan) == config.min_lr
+    assert gs.get_lr(first - 1, plan.total_steps, config, plan) > config.min_lr
+    assert first > math.ceil(2000 + 0.9 * (plan.total_steps - 2000))  # later than by steps: short steps count less
+    # at the stage switch the token clock has moved 25% x 1/8 of the way the step clock has
+    by_steps = gs.get_lr(6_140, plan.total_steps, dataclasses.replace(config, lr_decay_by="steps"), plan)
+    assert gs.get_lr(6_140, plan.total_steps, config, plan) > by_steps
+    whole = dataclasses.replace(config, lr_decay_frac=1.0)
+    assert gs.get_lr(plan.total_steps - 1, plan.total_steps, whole, plan) > config.min_lr
+    assert gs.get_lr(plan.total_steps, plan.total_steps, whole, plan) == config.min_lr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recycle"], "add --match_tokens"),
+    (["--stage_frac", "0.25", "--stage_len", "24", "--stage_mode", "reshape"], "must divide --block_size"),
+    (["--stages", "128:0.5,256:0.5"], "a sum < 1"),
+    (["--stages", "128-0.5"], "is not context:fraction"),
+    (["--length_warmup"], "set --stage_frac > 0"),
+    (["--lr_decay_by", "samples"], "--lr_decay_by must be steps or tokens"),
+])
+def test_variant_errors_name_the_key(args, message, capsys):
+    assert gs.main(["plan", "--num_samples", "1000", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- decoding and perplexity -----------------------------------------------------------------------------------
+
+def tiny_gpt(vocab_size=128, block_size=16):
+    torch.manual_seed(0)
+    return gs.GPT(gs.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_kv_cache_decoding_equals_decoding_without_the_cache():
+    model = tiny_gpt()
+    prompt = torch.tensor([[5, 17, 3, 99, 42]])
+    # 5 + 20 tokens > block_size 16: also the path where the full cache is rebuilt over the last 16 tokens
+    cached, cached_logits = model.generate(prompt, 20, use_cache=True)
+    plain, plain_logits = model.generate(prompt, 20, use_cache=False)
+    assert cached.tolist() == plain.tolist()
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=0, atol=1e-5)
+    sampled = [model.generate(prompt, 20, temperature=0.8, top_k=10, use_cache=c,
+                              generator=torch.Generator().manual_seed(1))[0].tolist() for c in (True, False)]
+    assert sampled[0] == sampled[1] != cached.tolist()
+
+
+def test_top_k_sampling_draws_only_among_the_k_most_likely_tokens():
+    model = tiny_gpt()
+    _, logits = model.generate(torch.tensor([[1, 2]]), 1)
+    top3 = set(torch.topk(logits[0, 0], 3).indices.tolist())
+    draws = {model.generate(torch.tensor([[1, 2]]), 1, temperature=5.0, top_k=3,
+                            generator=torch.Generator().manual_seed(s))[0][0, -1].item() for s in range(40)}
+    assert draws <= top3 and len(draws) > 1
+
+
+def save_tiny_checkpoint(path, zero=False):
+    config = gs.Config(n_layer=1, n_head=2, n_embd=16, block_size=32)
+    model = gs.GPT(gs.GPTConfig(**{k: getattr(config, k) for k in gs.MODEL_KEYS}))
+    if zero:  # all-zero weights: uniform logits over the 50304 rows, so the loss is exactly ln 50304
+        for p in model.parameters():
+            p.data.zero_()
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(config)}, path)
+    return path
+
+
+def test_ppl_command_scores_every_token_of_a_text_file_once(tmp_path, capsys):
+    bpe = require_shared("gpt2_bpe")
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 3)  # 79 tokens: windows of 32, 32, 14 targets
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt", zero=True)
+    assert gs.main(["ppl", "--ckpt", str(ckpt), "--text_file", str(text), "--bpe_dir", str(bpe)]) == 0
+    out = capsys.readouterr().out
+    assert "78 tokens predicted in 3 non-overlapping windows of up to 32" in out
+    assert float(out.split("ppl ")[-1]) == pytest.approx(50_304, rel=1e-5)
+
+
+def test_sample_command_decodes_greedily_from_a_checkpoint(tmp_path, capsys):
+    bpe = require_shared("gpt2_bpe")
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt.pt")
+    _, config = gs.parse_args(["sample", "--ckpt", str(ckpt), "--bpe_dir", str(bpe), "--prompt", "Call me Ishmael.",
+                               "--max_new_tokens", "8"])
+    tokens = gs.sample(config)
+    assert len(tokens) == 8 and max(tokens) < 50257  # the padded vocabulary rows are never chosen
+    assert capsys.readouterr().out.startswith("Call me Ishmael.")
+    assert gs.sample(config) == tokens  # greedy: the same every time
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+
+def write_run(folder, run, val_ppl, extra_ppl, tokens, seconds):
+    folder.mkdir(parents=True)
+    evals = [{"step": 0, "val_loss": 10.8, "extra_val_loss": 10.9, "tokens": 0},
+             {"step": 10, "val_loss": math.log(val_ppl), "extra_val_loss": math.log(extra_ppl), "tokens": tokens}]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    result = {"run": run, "val_ppl": val_ppl, "extra_val_ppl": extra_ppl, "tokens_seen": tokens,
+              "train_time_s": seconds, "tokens_per_s": tokens / seconds, "config": {"extra_val": "data/wikitext2/val.bin"}}
+    (folder / "results.jsonl").write_text(json.dumps(result) + "\n")
+
+
+def test_report_builds_its_table_from_the_runs_results_files(tmp_path, capsys):
+    write_run(tmp_path / "baseline", "baseline", 120.5, 300.25, 409_600, 360.0)
+    write_run(tmp_path / "baseline_seed2", "baseline_seed2", 121.0, 301.0, 409_600, 372.0)
+    write_run(tmp_path / "exp1", "exp1", 125.125, 310.0, 320_000, 300.0)
+    assert gs.main(["report", "--report_only", "--runs", "baseline,baseline_seed2,exp1", "--out_dir",
+                    str(tmp_path)]) == 0
+    table = (tmp_path / "report.md").read_text()
+    assert "| Model/Experiment | Validation PPL | wikitext2 PPL | Training Time (hrs) | Tokens Seen (M) | Tokens/s |" \
+        in table
+    assert "| baseline (full context all the way) | 120.500 | 300.250 | 0.100 | 0.410 | 1,138 |" in table
+    assert "| exp1 (seed Exp 1: 25% of steps at ctx 128) | 125.125 | 310.000 | 0.083 | 0.320 | 1,067 |" in table
+    assert "Seed-to-seed noise (baseline vs baseline_seed2): 0.500 PPL." in table
+    try:
+        import matplotlib  # noqa: F401 -- optional: the plot needs it, the table never does
+        assert (tmp_path / "val_loss.png").stat().st_size > 1000
+    except ImportError:
+        assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_report_names_a_run_that_has_not_finished(tmp_path, capsys):
+    write_run(tmp_path / "baseline", "baseline", 120.5, 300.25, 409_600, 360.0)
+    assert gs.main(["report", "--report_only", "--runs", "baseline,exp2", "--out_dir", str(tmp_path)]) == 2
+    assert "exp2/results.jsonl not found: run exp2 has not finished" in capsys.readouterr().err
