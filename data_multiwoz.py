@@ -205,10 +205,14 @@ def find_files(data_dir: Path) -> dict:
 
 def read_text(source) -> str:
     path, member = source
-    if member is None:
-        return path.read_text(encoding="utf-8")
-    with zipfile.ZipFile(path) as archive:
-        return archive.read(member).decode("utf-8")
+    try:
+        if member is None:
+            return path.read_text(encoding="utf-8")
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(member).decode("utf-8")
+    except UnicodeDecodeError as e:  # a ValueError, but its message names no file
+        raise ValueError(f"{source_name(source)}: not UTF-8 at byte {e.start}; MultiWOZ files are UTF-8: "
+                         f"re-extract or re-download the file") from None
 
 
 def source_name(source) -> str:
@@ -406,14 +410,7 @@ def select_examples(examples: list, fewshot: float = 1.0, seed: int = 0, except_
 
 def add_summaries(examples: list) -> None:
     """The target of each example: the template summary of its state, from ds2.py (one definition for both files)."""
-    try:
-        from ds2 import state_to_summary
-    except ImportError as e:
-        try:  # DEV FALLBACK while the templates live in ds2_templates_section.py; the lead removes it at merge
-            from ds2_templates_section import state_to_summary
-        except ImportError:
-            raise ValueError(f"cannot import state_to_summary from ds2.py ({e}); run data_multiwoz.py from the "
-                             f"repository root, next to ds2.py") from None
+    from ds2 import state_to_summary  # here, not at the top: `import data_multiwoz` stays light (no torch)
     cache, start = {}, time.time()  # states repeat from turn to turn; state_to_summary checks itself, at a cost
     for n, ex in enumerate(examples, 1):
         key = tuple(ex["state"].items())
@@ -493,6 +490,8 @@ def split_files(split: str, examples: list, src: list, tgt: list) -> dict:
 def commit(out_dir: Path, files: dict, meta: dict) -> None:
     """Temporaries for everything, then renames: an input error or a crash before this leaves out_dir as it was."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.tmp"):  # temporaries of a run that was killed (their pid is in the name)
+        stale.unlink()
     temps = {}
     try:
         for name, data in files.items():

@@ -20,6 +20,14 @@ Data: `data_dir/train.bin`, `val.bin` (uint16 GPT-2 token ids, <|endoftext|> aft
     python gpt_staged.py --preset cpu --data_dir data/gutenberg --out_dir out/cpu --stage_frac 0.25 --resume
     python gpt_staged.py --init_from path/to/gpt2 --stage_frac 0.25   # start from a local Hugging Face GPT-2 folder
 
+Beyond the seed: `--stage_mode reshape` (short rows, nothing dropped), `--match_tokens --recycle` (the extra steps
+re-read the truncated samples), `--stages 128:0.25,256:0.25`, `--length_warmup` (linear), `--lr_decay_by tokens`:
+
+    python gpt_staged.py sample --ckpt out/cpu/ckpt.pt --bpe_dir ../shared/data/gpt2_bpe --prompt "Call me"  # greedy
+    python gpt_staged.py ppl --init_from path/to/gpt2 --bpe_dir ../shared/data/gpt2_bpe --text_file book.txt
+    python gpt_staged.py report --preset cpu --data_dir data/gutenberg --extra_val data/wikitext2/val.bin \
+        --out_dir out/report      # baseline, 2nd seed, Exp 1, Exp 2 and the variants, then report.md + val_loss.png
+
 Every Config field is a flag: `--key=value` or `--key value` (a bare `--flag` means true); `--preset NAME` is
 applied first. Each run writes to out_dir: ckpt.pt (latest checkpoint), log.jsonl (one row per step and per
 evaluation) and results.jsonl (one row per finished run).
@@ -73,7 +81,7 @@ class Config:
     stage_mode: str = "truncate"    # 'truncate' (seed: drop each sample's tail) or 'reshape' (cut each sample into
                                     # block_size / context rows: tokens per step constant, nothing dropped)
     recycle: bool = False           # with match_tokens: the extra steps re-read the truncated samples at full
-                                    # context (seed question 2) instead of a second epoch's (the seed's Exp 2)
+                                    # context (seed question 2); off = a second epoch's samples, the seed's Exp 2
     stages: str = ""                # several short stages, 'context:fraction,...' e.g. '128:0.25,256:0.25'
                                     # (seed: 128 -> 256 over 50% was ~1 PPL worse); replaces stage_frac/stage_len
     length_warmup: bool = False     # context grows linearly from stage_len to block_size over the stage_frac steps
@@ -189,11 +197,11 @@ def validate(config, world_size=1):
     """Cross-field checks that name the key and what to do. Returns the gradient accumulation steps."""
     c = config
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "micro_batch_size",
-                "eval_interval", "eval_iters", "log_interval"):
+                "eval_interval", "eval_iters", "log_interval", "length_step", "max_new_tokens"):
         if getattr(c, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(c, key)}")
     for key in ("max_iters", "warmup_iters", "gradient_accumulation_steps", "stop_step", "num_samples",
-                "weight_decay", "grad_clip"):
+                "weight_decay", "grad_clip", "temperature", "top_k"):
         if not getattr(c, key) >= 0:
             raise ValueError(f"--{key} must be >= 0, got {getattr(c, key)}")
     if c.n_embd % c.n_head:
@@ -210,9 +218,9 @@ def validate(config, world_size=1):
     short = parse_stages(c.stages, c.block_size) or ([(c.stage_len, c.stage_frac)] if c.stage_frac else [])
     if c.stages and c.stage_frac:
         raise ValueError("--stages replaces --stage_frac/--stage_len: give one of them")
-    if c.length_warmup and not (c.stage_frac and c.length_step > 0):
+    if c.length_warmup and not c.stage_frac:
         raise ValueError("--length_warmup grows the context over the --stage_frac steps: set --stage_frac > 0 "
-                         "(and --length_step > 0), not --stages")
+                         "(not --stages)")
     if c.stage_mode == "reshape" and (c.length_warmup or any(c.block_size % ctx for ctx, _ in short)):
         raise ValueError(f"--stage_mode reshape cuts each sample into block_size / context rows: every short "
                          f"context must divide --block_size {c.block_size} (no --length_warmup)")
@@ -668,20 +676,17 @@ def describe_plan(plan, config):
     lines.append(f"  tokens seen {human(plan.tokens_seen)} = {plan.tokens_seen / full:.1%} of full context all the way "
                  f"({human(full)})")
     if config.stage_mode == "reshape":
-        lines.append("  reshape: short steps cut every sample into block_size / ctx rows: nothing truncated, "
-                     "tokens per step constant")
+        lines.append("  reshape: short steps cut every sample into block_size / ctx rows: nothing truncated")
     if truncated:
-        matched = match_tokens_steps(truncated, b, block)
-        recycle = (f"{plan.short_steps:,} extra full-context steps re-read the {plan.short_steps * b:,} truncated "
-                   f"samples, once each, in the short stage's order ({human(plan.short_steps * b * block)} tokens, "
-                   f"not {human(truncated)}: their heads are read twice)")
+        state = "in this plan" if config.match_tokens else "off"
         lines += [f"  tokens truncated away by the short stage: {human(truncated)}; at a step time proportional to "
                   f"tokens it saves at most {truncated / full:.1%} of the baseline's time",
-                  f"  match_tokens: {matched:,} extra full-context steps ({human(truncated)} / ({b} x {block})) "
-                  + ("are in this plan; they read the samples of a second, differently seeded epoch"
-                     if config.match_tokens and not config.recycle else "(off; --match_tokens adds them)"
-                     if not config.match_tokens else "replaced by recycling (--recycle)"),
-                  f"  recycle: " + (recycle if config.recycle else "off (--recycle true: " + recycle + ")"),
+                  f"  match_tokens ({state if not config.recycle else 'off'}): "
+                  f"{match_tokens_steps(truncated, b, block):,} extra full-context steps ({human(truncated)} / "
+                  f"({b} x {block})), reading the samples of a second, differently seeded epoch",
+                  f"  --recycle ({state if config.recycle else 'off'}): {plan.short_steps:,} extra steps re-read the "
+                  f"{plan.short_steps * b:,} truncated samples once each, in order, at full context "
+                  f"({human(plan.short_steps * b * block)} tokens: the heads twice)",
                   f"  position rows {max(s.context for s in plan.stages if s.what == 'short')}..{block - 1} get no "
                   f"gradient in the short stage; weight decay alone scales them by "
                   f"{unused_position_shrink(plan, config):.3f} (--decay_wpe false: 1)"]
@@ -930,7 +935,8 @@ def train(config):
                                            device.type, config.decay_wpe)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty from a run without fp16: --dtype float16 now starts a fresh scale
+            scaler.load_state_dict(checkpoint["scaler"])
         step, tokens_seen, train_time = checkpoint["step"], checkpoint["tokens_seen"], checkpoint["train_time_s"]
         best_val = checkpoint["best_val_loss"]
         torch.set_rng_state(checkpoint["rng_cpu"])
@@ -1110,7 +1116,7 @@ def load_tokenizer(config):
 def sample(config):
     """Continue --prompt by --max_new_tokens tokens: greedy (--temperature 0) or sampled, with the KV cache."""
     _, _, device = setup_device(config)
-    enc, model = load_tokenizer(config), load_model(config, device)
+    model, enc = load_model(config, device), load_tokenizer(config)  # the model's errors first: no download
     prompt = enc.encode(config.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
     generator = torch.Generator(device=device).manual_seed(config.seed)
     t0 = time.time()
@@ -1137,7 +1143,7 @@ def perplexity(config):
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e}); convert it first") from None
     _, _, device = setup_device(config)
-    enc, model = load_tokenizer(config), load_model(config, device)
+    model, enc = load_model(config, device), load_tokenizer(config)  # the model's errors first: no download
     tokens = torch.tensor(enc.encode_ordinary(text), dtype=torch.long)
     if len(tokens) < 2:
         raise ValueError(f"{path}: {len(tokens)} token(s); perplexity needs at least 2")

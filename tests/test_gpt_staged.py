@@ -313,7 +313,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     (["--stage_frac=-0.1"], "--stage_frac must be in [0, 1)"),
     (["--micro_batch_size", "24"], "--batch_size 512 is not divisible by --micro_batch_size 24"),
     (["--preset", "tiny"], "unknown preset 'tiny'"),
-    (["sample"], "unknown command 'sample'"),
+    (["decode"], "unknown command 'decode'"),
+    (["sample"], "this command needs a model: --ckpt out/x/ckpt.pt or --init_from"),
 ])
 def test_config_errors_name_the_key(args, message, capsys):
     assert gs.main(args) == 2

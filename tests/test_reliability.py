@@ -81,6 +81,17 @@ module.get_batch = get_batch
 """
 
 
+def patch_in_process(monkeypatch, module, patch):
+    """Run a wrapper's `patch` source on the imported module in this process, undone by monkeypatch."""
+    class Module:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def __setattr__(self, name, value):
+            monkeypatch.setattr(module, name, value)
+    exec(compile("import os, signal, sys, time\n" + patch, "<patch>", "exec"), {"module": Module()})
+
+
 def kill_after(command, log_path, rows, timeout=120):
     """Start `command`, wait until log_path holds `rows` step rows, SIGKILL it; returns the last step row seen."""
     process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -331,6 +342,9 @@ def test_gpt_infinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 3 and all(v.isfinite().all() for v in checkpoint["model"].values())
     assert max(r["step"] for r in read_rows(tmp_path / "out" / "log.jsonl")) == 4  # step 5 was not logged
+    monkeypatch.undo()  # the message's advice works: resume with the other dtype (its GradScaler state differs)
+    other = {"float32": "float16", "float16": "float32"}[dtype]
+    assert gs.main(gpt_args(tmp_path, "--dtype", other, "--resume")) == 0, capsys.readouterr().err
 
 
 def test_gpt_weights_broken_right_before_a_checkpoint_do_not_overwrite_the_last_good_one(tmp_path, monkeypatch,
@@ -488,3 +502,425 @@ def test_batch_not_divisible_by_micro_batch_times_world_size_under_torchrun(tmp_
                                        "process(es) = 16") and "change --micro_batch_size or --batch_size" in ours[0]
     assert "exitcode  : 2" in run.stderr and 'gpt_staged.py", line' not in run.stderr  # no traceback of ours
     assert snapshot(tmp_path / "data", tmp_path / "out") == before
+
+
+# ================================================================================================================
+# Data preparation killed midway (SIGKILL, sent by the process to itself at a chosen point) leaves no output that
+# looks complete; an earlier complete output survives a kill before the renames; re-running finishes the job.
+# (tests/test_data_owt.py kills a fresh data_owt.py run from outside, by timing; these kill rebuilds at set points.)
+
+KILL_AT_CALL = """
+import functools
+def kill_at(function, n, condition=lambda *args: True):
+    calls = []
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        if condition(*args):
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return wrapped
+"""
+
+
+def run_killed(tmp_path, script, patch, args):
+    run = subprocess.run([sys.executable, str(wrapper(tmp_path, script, KILL_AT_CALL + patch)), *map(str, args)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    return run
+
+
+def owt_args(out, *extra):
+    return ["--input", str(out.parent / "docs"), "--bpe_dir", str(require_shared("gpt2_bpe")), "--out_dir",
+            str(out), "--num_proc", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def owt_output(tmp_path_factory):
+    """A complete data_owt.py output (out/) of 6 small documents (docs/)."""
+    folder = tmp_path_factory.mktemp("owt")
+    (folder / "docs").mkdir()
+    for k in range(6):
+        (folder / "docs" / f"{k}.txt").write_text(f"document {k} " * 50)
+    assert data_owt.main(owt_args(folder / "out")) == 0
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, patch", [
+    ("tokenizing", "module.write_tokens = kill_at(module.write_tokens, 3)"),
+    ("publishing", "module.os.replace = kill_at(os.replace, 1, lambda src, dst: Path(dst).name == 'val.bin')\n"
+                   "from pathlib import Path"),
+], ids=["tokenizing", "publishing"])
+def test_data_owt_killed_during_a_rebuild_leaves_nothing_half_done(tmp_path, owt_output, point, patch):
+    shutil.copytree(owt_output, tmp_path, dirs_exist_ok=True)
+    out, before = tmp_path / "out", snapshot(tmp_path / "out")
+    old_meta = data_owt.read_complete_meta(out)
+    run_killed(tmp_path, "data_owt.py", patch, owt_args(out, "--seed", "1"))  # a new split: a full rebuild
+    if point == "tokenizing":  # before any rename: the earlier output is still complete and unchanged
+        assert data_owt.read_complete_meta(out) == old_meta
+        assert {p: b for p, b in snapshot(out).items() if not p.name.endswith(".tmp")} == before
+    else:  # train.bin is the new one, val.bin the old one: meta.json is gone, so nothing claims to be complete
+        assert data_owt.read_complete_meta(out) is None and not (out / "meta.json").exists()
+    assert data_owt.main(owt_args(out, "--seed", "1")) == 0
+    assert data_owt.main(owt_args(tmp_path / "reference", "--seed", "1")) == 0
+    for name in ("train.bin", "val.bin"):
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+    assert not list(out.glob("*.tmp"))
+
+
+def mwoz_args(data_dir, out, *extra):
+    return ["--data_dir", str(data_dir), "--out_dir", str(out), "--spm_vocab_size", "120", *extra]
+
+
+@pytest.fixture(scope="module")
+def mwoz_output(tmp_path_factory):
+    """MultiWOZ files (raw/, tests/test_data_multiwoz.py's dialogues) and a complete output made from them (out/)."""
+    folder = tmp_path_factory.mktemp("mwoz")
+    assert dm.main(mwoz_args(write_raw(folder / "raw"), folder / "out")) == 0
+    return folder
+
+
+def mwoz_files(out):
+    """The output files ds2.py reads, without meta.json (it names the output folder and the run's arguments)."""
+    return {p.name: p.read_bytes() for p in out.iterdir() if not p.name.endswith((".tmp", "meta.json"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, patch", [
+    ("writing_temporaries", "module.write_temp = kill_at(module.write_temp, 4)"),
+    ("renaming", "module.os.replace = kill_at(os.replace, 3)"),
+], ids=["writing_temporaries", "renaming"])
+def test_data_multiwoz_killed_during_a_rebuild_leaves_nothing_half_done(tmp_path, mwoz_output, point, patch):
+    shutil.copytree(mwoz_output, tmp_path, dirs_exist_ok=True)
+    out, before = tmp_path / "out", snapshot(tmp_path / "out")
+    rebuild = mwoz_args(tmp_path / "raw", out, "--prefix", "Summarize: ")  # other sources: every file changes
+    run_killed(tmp_path, "data_multiwoz.py", patch, rebuild)
+    if point == "writing_temporaries":  # before any rename: the earlier output is whole and unchanged
+        assert {p: b for p, b in snapshot(out).items() if not p.name.endswith(".tmp")} == before
+    else:  # some files renamed: meta.json, which is written last, is gone
+        assert not (out / "meta.json").exists()
+    assert dm.main(rebuild) == 0
+    assert dm.main(mwoz_args(tmp_path / "raw", tmp_path / "reference", "--prefix", "Summarize: ")) == 0
+    assert mwoz_files(out) == mwoz_files(tmp_path / "reference")
+    assert (out / "meta.json").exists() and not list(out.glob("*.tmp"))  # the killed run's temporaries are gone
+
+
+# ---- bad input to the data scripts, run over a complete earlier output that must survive unchanged ------------
+
+def owt_case(folder, case):
+    """Extra flags for data_owt.py that make the input bad in one way."""
+    bad = folder / "bad"
+    bad.mkdir()
+    if case == "empty_corpus":
+        (bad / "blank.txt").write_text("")
+        return ["--input", str(bad)]
+    if case == "non_utf8_document_with_strict":
+        (bad / "good.txt").write_text("fine text")
+        (bad / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+        return ["--input", str(bad), "--strict"]
+    if case == "input_missing":
+        return ["--input", str(bad / "nowhere")]
+    if case == "bpe_dir_without_the_bpe_files":  # with another seed: the output is not up to date
+        return ["--bpe_dir", str(bad), "--seed", "1"]
+    return {"unknown_flag": ["--val_frac", "0.1"], "value_out_of_range": ["--val_fraction", "1.5"],
+            "value_of_the_wrong_type": ["--n_ctx", "long"]}[case]
+
+
+OWT_BAD_INPUT = {
+    "empty_corpus": ["empty corpus: no documents with text", "pass folders or files holding text"],
+    "non_utf8_document_with_strict": ["latin1.txt: not UTF-8 at byte 3", "drop --strict to skip such files"],
+    "input_missing": ["nowhere does not exist; --input takes folders and files of documents"],
+    "bpe_dir_without_the_bpe_files": ["encoder.json not found: --bpe_dir must hold GPT-2's encoder.json"],
+    "unknown_flag": ["unrecognized arguments: --val_frac 0.1 (did you mean --val_fraction?)"],
+    "value_out_of_range": ["--val_fraction must be in (0, 1), got 1.5"],
+    "value_of_the_wrong_type": ["argument --n_ctx: invalid int value: 'long'"],
+}
+
+
+@pytest.mark.parametrize("case", OWT_BAD_INPUT)
+def test_data_owt_bad_input_is_one_line_and_keeps_the_earlier_output(tmp_path, owt_output, case, capsys):
+    shutil.copytree(owt_output, tmp_path, dirs_exist_ok=True)
+    args = owt_args(tmp_path / "out")
+    flags = owt_case(tmp_path, case)
+    for flag in flags:  # a flag given twice: argparse keeps the last
+        if flag.startswith("--") and flag in args:
+            del args[args.index(flag):args.index(flag) + 2]
+    before = snapshot(tmp_path / "out", tmp_path / "docs")
+    capsys.readouterr()
+    one_line_error(data_owt.main(args + flags), capsys.readouterr().err, *OWT_BAD_INPUT[case])
+    assert snapshot(tmp_path / "out", tmp_path / "docs") == before
+
+
+def mwoz_case(folder, case):
+    """(data_dir, extra flags) for data_multiwoz.py that make the input bad in one way."""
+    raw = folder / "raw"
+    if case == "non_utf8_file":
+        (raw / "data.json").write_bytes((raw / "data.json").read_bytes().replace(b"Center", "Centr\u00e9".encode(
+            "latin-1")))
+    elif case == "empty_corpus":
+        (raw / "data.json").write_text("{}")
+    elif case == "value_not_a_string":
+        data = json.loads((raw / "data.json").read_text())
+        data["SNG0002.json"]["log"][1]["metadata"]["restaurant"]["semi"]["area"] = 7
+        (raw / "data.json").write_text(json.dumps(data))
+    elif case == "zip_cut_off":
+        (raw / "MULTIWOZ2.1.zip").write_bytes(b"PK\x03\x04 cut off")
+    elif case == "data_dir_missing":
+        raw = folder / "nowhere"
+    elif case == "spm_not_a_model":
+        (folder / "spm.model").write_bytes(b"not a sentencepiece model")
+        return raw, ["--spm", str(folder / "spm.model")]
+    elif case == "spm_missing":
+        return raw, ["--spm", str(folder / "t5.model")]
+    return raw, []
+
+
+MWOZ_BAD_INPUT = {
+    "non_utf8_file": ["data.json: not UTF-8 at byte", "re-extract or re-download the file"],
+    "empty_corpus": ["the train split is empty"],
+    "value_not_a_string": ["dialogue SNG0002.json, turn 1 (system): metadata.restaurant.semi.area should be a "
+                           "string, got 7"],
+    "zip_cut_off": ["MULTIWOZ2.1.zip: not a valid zip archive (a partial download?); delete it and retry"],
+    "data_dir_missing": ["nowhere is not a folder: point it at the MultiWOZ files"],
+    "spm_not_a_model": ["spm.model: not a SentencePiece model"],
+    "spm_missing": ["t5.model: no such file; give T5's spiece.model"],
+}
+
+
+@pytest.mark.parametrize("case", MWOZ_BAD_INPUT)
+def test_data_multiwoz_bad_input_is_one_line_and_keeps_the_earlier_output(tmp_path, mwoz_output, case, capsys):
+    shutil.copytree(mwoz_output, tmp_path, dirs_exist_ok=True)
+    data_dir, flags = mwoz_case(tmp_path, case)
+    before = snapshot(tmp_path / "out")
+    capsys.readouterr()
+    one_line_error(dm.main(mwoz_args(data_dir, tmp_path / "out", *flags)), capsys.readouterr().err,
+                   *MWOZ_BAD_INPUT[case])
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_data_multiwoz_value_of_the_wrong_type_is_rejected_by_argparse(tmp_path, mwoz_output, capsys):
+    before = snapshot(mwoz_output / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        dm.main(mwoz_args(mwoz_output / "raw", mwoz_output / "out", "--spm_vocab_size", "many"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "error: argument --spm_vocab_size: invalid int value: 'many'" in err
+    assert snapshot(mwoz_output / "out") == before
+
+
+# ================================================================================================================
+# ds2.py: crash and resume with early stopping, a crash while writing checkpoints, bad input, divergence
+
+import ds2  # noqa: E402  (after the GPT and data sections, which do not need it)
+from test_ds2 import write_data_dir  # noqa: E402
+
+# Early stopping made certain: the wrapper reports a dev JGA of 0 and adds 2 x step to the validation loss, so the
+# first evaluation (step 2) is the best and every later one is worse; with patience 3 the run stops after the
+# evaluation of step 8 (steps 2, 4, 6, 8), long before max_iters 12. Batch reads are slowed by 30 ms, as for GPT.
+DS2_EARLY_STOP = """
+last_step = [0]
+real_append, real_loss, real_evaluate = module.append_jsonl, module.estimate_loss, module.evaluate
+def append_jsonl(path, row):
+    if "loss" in row:
+        last_step[0] = row["step"]
+    return real_append(path, row)
+def estimate_loss(*args, **kwargs):
+    return real_loss(*args, **kwargs) + 2.0 * last_step[0]
+def evaluate(*args, **kwargs):
+    metrics, records = real_evaluate(*args, **kwargs)
+    return {**metrics, "jga": 0.0}, records
+module.append_jsonl, module.estimate_loss, module.evaluate = append_jsonl, estimate_loss, evaluate
+"""
+DS2_RUN = ["--preset", "smoke", "--max_iters", "12", "--eval_interval", "2", "--patience", "3"]
+
+
+@pytest.fixture(scope="module")
+def ds2_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ds2") / "data"
+    write_data_dir(folder, require_shared("t5/spiece.model"), sizes=(("train", 28), ("dev", 14), ("test", 14)))
+    return folder
+
+
+def final_metrics(out):
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if k not in ("train_time_s", "config", "checkpoint", "eval_s")}
+
+
+@pytest.mark.slow
+def test_ds2_killed_at_random_steps_resumes_to_the_same_losses_and_early_stop(tmp_path, ds2_data, capsys):
+    script = wrapper(tmp_path, "ds2.py", SLOW_BATCHES + DS2_EARLY_STOP)
+
+    def command(out, *extra):
+        return [sys.executable, str(script), *DS2_RUN, "--data_dir", str(ds2_data), "--out_dir", str(out), *extra]
+    with pytest.MonkeyPatch.context() as monkeypatch:  # the uninterrupted run, in this process, one thread
+        patch_in_process(monkeypatch, ds2, DS2_EARLY_STOP)
+        assert ds2.main([*DS2_RUN, "--data_dir", str(ds2_data), "--out_dir", str(tmp_path / "whole")]) == 0
+    assert "early stop: no better dev JGA in 3 evaluations" in capsys.readouterr().out
+    expected = read_rows(tmp_path / "whole" / "log.jsonl")
+    assert [r["step"] for r in expected if "loss" in r] == list(range(1, 9))  # stopped early, after step 8
+
+    out, log = tmp_path / "killed", tmp_path / "killed" / "log.jsonl"
+    # kill 1 after the best evaluation (step 2), kill 2 with one or two evaluations without improvement behind it
+    kill_at = [random.randint(3, 4), random.randint(6, 7)]
+    killed_at = [kill_after(command(out), log, kill_at[0]), kill_after(command(out, "--resume"), log, kill_at[1])]
+    note = f"kill_at {kill_at}, killed after steps {killed_at}"
+    assert 3 <= killed_at[0] <= 5 and 6 <= killed_at[1] <= 8, note
+    assert not (out / "test_metrics.json").exists(), note
+    done = subprocess.run(command(out, "--resume"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "early stop: no better dev JGA in 3 evaluations" in done.stdout, note
+    assert without_time(read_rows(log)) == without_time(expected), note
+    best, expected_best = (torch.load(d / "best.pt", weights_only=True) for d in (out, tmp_path / "whole"))
+    assert best["step"] == expected_best["step"] == 2, note
+    for name, tensor in expected_best["model"].items():
+        assert torch.equal(best["model"][name], tensor), name
+    assert final_metrics(out) == final_metrics(tmp_path / "whole")
+
+
+def ds2_args(data, out, *extra):
+    return ["--preset", "smoke", "--data_dir", str(data), "--out_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def ds2_earlier_run(ds2_data):
+    """out/ of a ds2.py run stopped at step 3 (ckpt.pt, best.pt of step 3, log.jsonl) beside data/."""
+    torch.set_num_threads(1)
+    assert ds2.main(ds2_args(ds2_data, ds2_data.parent / "out", "--stop_step", "3")) == 0
+    return ds2_data.parent
+
+
+@pytest.mark.parametrize("failure", ["write", "rename"])
+def test_ds2_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ds2_earlier_run, monkeypatch,
+                                                                     failure):
+    shutil.copytree(ds2_earlier_run, tmp_path, dirs_exist_ok=True)
+    out = tmp_path / "out"
+    before = snapshot(out)
+    if failure == "write":
+        save_fails_midway(monkeypatch, OSError(28, "No space left on device"))
+    else:
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(dst).name.endswith(".pt"):
+                raise OSError(5, "Input/output error")
+            real_replace(src, dst)
+        monkeypatch.setattr(ds2.os, "replace", replace)
+    with pytest.raises(OSError):
+        ds2.train(ds2.parse_args(ds2_args(tmp_path / "data", out, "--resume"))[1])  # step 6: best.pt, ckpt.pt
+    monkeypatch.undo()
+    for name in ("ckpt.pt", "best.pt"):
+        assert (out / name).read_bytes() == before[out / name]
+        checkpoint = torch.load(out / name, weights_only=True)
+        assert checkpoint.get("state", checkpoint)["step"] == 3
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "ckpt.pt"]
+    assert ds2.main(ds2_args(tmp_path / "data", out, "--resume")) == 0  # and the run finishes from step 3
+    assert [r["step"] for r in read_rows(out / "log.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def set_bin(path, value):
+    tokens = np.fromfile(path, dtype=np.uint16)
+    tokens[:] = value
+    tokens.tofile(path)
+
+
+def other_spm_checkpoint(folder):
+    """best.pt of the earlier run, as if trained on another SentencePiece model's ids."""
+    checkpoint = torch.load(folder / "out" / "best.pt", weights_only=True)
+    torch.save({**checkpoint, "spm_sha256": "0" * 64}, folder / "other_spm.pt")
+
+
+def bad_jsonl_state(folder):
+    lines = (folder / "data" / "test.jsonl").read_text().splitlines()
+    example = json.loads(lines[2])
+    lines[2] = json.dumps({**example, "state": {**example["state"], "hotel-colour": "blue"}})
+    (folder / "data" / "test.jsonl").write_text("\n".join(lines) + "\n")
+
+
+DS2_BAD_INPUT = {  # case: (damage, flags, what the one line must say)
+    "spm_model_does_not_match_the_bins": (
+        lambda d, other: shutil.copy(other["mwoz"] / "out" / "spm.model", d / "data" / "spm.model"), ["--resume"],
+        ["spm.model is missing or not the SentencePiece model meta.json names (sha256 differs): re-run "
+         "data_multiwoz.py"]),
+    "spm_model_missing": (lambda d, other: (d / "data" / "spm.model").unlink(), ["--resume"],
+                          ["spm.model is missing or not the SentencePiece model meta.json names"]),
+    "meta_json_missing": (lambda d, other: (d / "data" / "meta.json").unlink(), ["--resume"],
+                          ["meta.json not found: make the data folder with data_multiwoz.py"]),
+    "src_bin_odd_byte_length": (lambda d, other: (d / "data" / "train.src.bin").write_bytes(
+        (d / "data" / "train.src.bin").read_bytes()[:-1]), ["--resume"],
+        ["train.src.bin:", "not a file of uint16 tokens (empty or cut off?); re-run data_multiwoz.py"]),
+    "tgt_bin_truncated": (lambda d, other: (d / "data" / "train.tgt.bin").write_bytes(
+        (d / "data" / "train.tgt.bin").read_bytes()[:40]), ["--resume"],
+        ["train.tgt.bin holds 20 tokens, not what train.idx.npy says (cut off?); re-run data_multiwoz.py"]),
+    "token_id_at_least_vocab_size": (lambda d, other: set_bin(d / "data" / "dev.src.bin", 40000), ["--resume"],
+                                     ["dev.src.bin: token id 40000 >= vocab_size 32000 of meta.json"]),
+    "jsonl_line_malformed": (lambda d, other: (d / "data" / "dev.jsonl").write_text(
+        (d / "data" / "dev.jsonl").read_text().replace('"turn"', "turn", 1)), ["--resume"],
+        ["dev.jsonl line 1: not valid JSON", "re-run data_multiwoz.py"]),
+    "validation_split_missing": (None, ["--resume", "--val_split", "valid"],
+                                 ["valid.jsonl not found: no such split"]),
+    "unknown_config_key": (None, ["--resume", "--patiense", "2"],
+                           ["unknown config key --patiense (did you mean --patience?)"]),
+    "value_of_the_wrong_type": (None, ["--resume", "--fewshot", "1%"], ["--fewshot expects a float, got '1%'"]),
+    "batch_not_divisible_by_micro_batch": (None, ["--resume", "--micro_batch_size", "3"],
+                                           ["--batch_size 8 is not divisible by"]),
+    "checkpoint_cut_off": (lambda d, other: (d / "out" / "ckpt.pt").write_bytes(
+        (d / "out" / "ckpt.pt").read_bytes()[:5000]), ["--resume"], ["ckpt.pt: unreadable checkpoint", "cut off"]),
+    "checkpoint_of_another_spm": (lambda d, other: other_spm_checkpoint(d), ["--init_from", "{d}/other_spm.pt",
+                                                                              "--out_dir", "{d}/new"],
+                                  ["other_spm.pt was trained on token ids of another SentencePiece model",
+                                   "prepare the data with the same --spm"]),
+    "checkpoint_of_another_model": (lambda d, other: shutil.copy(other["gpt"] / "out" / "ckpt.pt", d / "gpt.pt"),
+                                    ["--init_from", "{d}/gpt.pt", "--out_dir", "{d}/new"],
+                                    ["gpt.pt: not a ds2.py checkpoint"]),
+    "new_run_over_an_earlier_one": (None, [], ["ckpt.pt exists from an earlier run: continue it with --resume"]),
+    "state_with_an_unknown_slot": (lambda d, other: bad_jsonl_state(d), ["roundtrip", "--split", "test"],
+                                   ["test.jsonl line 3", "unknown slot 'hotel-colour'"]),
+}
+
+
+@pytest.mark.parametrize("case", DS2_BAD_INPUT)
+def test_ds2_bad_input_is_one_line_and_changes_nothing(tmp_path, ds2_earlier_run, mwoz_output, gpt_earlier_run,
+                                                       case, capsys):
+    damage, flags, needles = DS2_BAD_INPUT[case]
+    shutil.copytree(ds2_earlier_run, tmp_path, dirs_exist_ok=True)
+    if damage:
+        damage(tmp_path, {"mwoz": mwoz_output, "gpt": gpt_earlier_run})
+    flags = [flag.format(d=tmp_path) for flag in flags]
+    command = [flags.pop(0)] if flags and not flags[0].startswith("--") else []
+    before = snapshot(tmp_path / "data", tmp_path / "out")
+    code = ds2.main(command + ds2_args(tmp_path / "data", tmp_path / "out") + flags)
+    one_line_error(code, capsys.readouterr().err, *needles)
+    assert snapshot(tmp_path / "data", tmp_path / "out") == before and not (tmp_path / "new").exists()
+
+
+def test_ds2_weights_broken_right_before_a_checkpoint_do_not_overwrite_the_last_good_one(tmp_path, ds2_earlier_run,
+                                                                                         monkeypatch, capsys):
+    shutil.copytree(ds2_earlier_run, tmp_path, dirs_exist_ok=True)
+    out = tmp_path / "out"
+    before = {path: data for path, data in snapshot(out).items() if path.suffix == ".pt"}
+    real_get_lr = ds2.get_lr
+    # a NaN learning rate in step 6 (index 5) makes every weight NaN; step 6 evaluates and writes checkpoints
+    monkeypatch.setattr(ds2, "get_lr", lambda step, *args: math.nan if step == 5 else real_get_lr(step, *args))
+    code = ds2.main(ds2_args(tmp_path / "data", out, "--resume"))
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and "nan" in err and "ckpt.pt is kept" in err, err
+    assert {path: data for path, data in snapshot(out).items() if path.suffix == ".pt"} == before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_ds2_infinite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, ds2_earlier_run, monkeypatch,
+                                                                       capsys, dtype):
+    shutil.copytree(ds2_earlier_run, tmp_path, dirs_exist_ok=True)
+    out = tmp_path / "out"
+    saved = (out / "ckpt.pt").read_bytes()
+    forward = ds2.T5.forward
+
+    def diverged(self, src, labels):
+        logits, loss = forward(self, src, labels)
+        return logits, loss * math.inf
+    monkeypatch.setattr(ds2.T5, "forward", diverged)
+    code = ds2.main(ds2_args(tmp_path / "data", out, "--resume", "--dtype", dtype))
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: loss is inf at step 3") and "ckpt.pt is kept" in err, err
+    assert (out / "ckpt.pt").read_bytes() == saved

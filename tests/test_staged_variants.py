@@ -183,7 +183,8 @@ def write_run(folder, run, val_ppl, extra_ppl, tokens, seconds):
              {"step": 10, "val_loss": math.log(val_ppl), "extra_val_loss": math.log(extra_ppl), "tokens": tokens}]
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
     result = {"run": run, "val_ppl": val_ppl, "extra_val_ppl": extra_ppl, "tokens_seen": tokens,
-              "train_time_s": seconds, "tokens_per_s": tokens / seconds, "config": {"extra_val": "data/wikitext2/val.bin"}}
+              "train_time_s": seconds, "tokens_per_s": tokens / seconds,
+              "config": {"extra_val": "data/wikitext2/val.bin"}}
     (folder / "results.jsonl").write_text(json.dumps(result) + "\n")
 
 

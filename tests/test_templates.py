@@ -11,7 +11,7 @@ import pytest
 
 from conftest import require_shared
 import data_multiwoz
-import ds2_templates_section as ds2t  # the one line to change when the templates move into ds2.py
+import ds2 as ds2t  # the one line to change when the templates move into ds2.py
 
 HOTEL_EXAMPLE = {"hotel-type": "guest house", "hotel-name": "acorn guest house", "hotel-pricerange": "cheap",
                  "hotel-area": "north", "hotel-book people": "2", "hotel-book day": "monday", "hotel-book stay": "3",
