@@ -692,7 +692,7 @@ def read_safetensors(path):
 #      first and cannot be split wrongly. So summary_to_state(state_to_summary(s)) == s for every state; on the
 #      real MultiWOZ 2.1 test and dev states no quotes are needed (tests/test_templates.py measures both).
 #   4. A model's summary that is not a template output is read best effort, sentence by sentence, and never raises.
-# -----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 
 DOMAINS = ["hotel", "train", "restaurant", "attraction", "taxi"]  # hospital and police are excluded, as in DS2
 SLOTS = [  # the 30 "domain-slot" keys of MultiWOZ as DS2 and TRADE use them
@@ -990,7 +990,7 @@ def roundtrip(states):
     return failures
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
 # Metrics, turn level (TRADE's and DS2's definitions; dontcare is an ordinary value, a missing slot is "none")
 
 def compute_metrics(predictions, golds, slots=SLOTS):

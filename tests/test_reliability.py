@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -28,9 +27,11 @@ import torch
 
 import data_multiwoz as dm
 import data_owt
+import ds2
 import gpt_staged as gs
 from conftest import require_shared
 from test_data_multiwoz import write_raw
+from test_ds2 import write_data_dir
 from test_gpt_staged import make_bins
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +268,8 @@ GPT_BAD_INPUT = {  # case: (damage to the folder, extra flags, what the one line
                                     ["ckpt.pt is from another model configuration: n_embd 32 (checkpoint) vs 64 "
                                      "(now)", "resume with the run's own settings or use another --out_dir"]),
     "checkpoint_cut_off": (lambda d: (d / "out" / "ckpt.pt").write_bytes(
-        (d / "out" / "ckpt.pt").read_bytes()[:5000]), [], ["ckpt.pt: unreadable checkpoint", "is it cut off? Use another copy"]),
+        (d / "out" / "ckpt.pt").read_bytes()[:5000]), [],
+        ["ckpt.pt: unreadable checkpoint", "is it cut off? Use another copy"]),
     "new_run_over_an_earlier_one": (None, ["--resume", "false"],
                                     ["ckpt.pt exists from an earlier run: continue it with --resume, or choose "
                                      "another --out_dir"]),
@@ -403,12 +405,10 @@ def load_with_gpt_from_pretrained(tmp_path, marker):
 
 
 def load_with_ds2_load_checkpoint(tmp_path, marker):
-    import ds2
     ds2.load_checkpoint(malicious_checkpoint(tmp_path / "best.pt", marker))
 
 
 def load_with_t5_from_pretrained(tmp_path, marker):
-    import ds2
     ds2.T5.from_pretrained(hf_folder(tmp_path / "t5", T5_CONFIG, marker))
 
 
@@ -711,9 +711,6 @@ def test_data_multiwoz_value_of_the_wrong_type_is_rejected_by_argparse(tmp_path,
 
 # ================================================================================================================
 # ds2.py: crash and resume with early stopping, a crash while writing checkpoints, bad input, divergence
-
-import ds2  # noqa: E402  (after the GPT and data sections, which do not need it)
-from test_ds2 import write_data_dir  # noqa: E402
 
 # Early stopping made certain: the wrapper reports a dev JGA of 0 and adds 2 x step to the validation loss, so the
 # first evaluation (step 2) is the best and every later one is worse; with patience 3 the run stops after the
