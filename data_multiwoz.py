@@ -24,6 +24,15 @@ Output in --out_dir, per split in (train, dev, test):
     spm.model, meta.json (sources, spm sha256, vocab size, ids, prefix, slots, counts per split)
 Sources are stored whole; ds2.py truncates them from the left when it loads them.
 
+Warm start (DS2's stage 1 is a model pre-trained on dialogue summarization): the same output for a summarization
+corpus, one example per dialogue with an empty state, meta.json "task": "summarization" (ds2.py then early-stops
+on the loss). DialogSum: dialogsum.{train,dev,test}.jsonl; SAMSum: {train,val,test}.csv (offline only val and test:
+carve train out of val). Use the --spm of the MultiWOZ folder, so stage 2 reads the same token ids:
+    python data_multiwoz.py --summarization dialogsum --data_dir ../shared/data/dialogue_summarization/dialogsum \
+        --spm ../shared/data/t5/spiece.model --out_dir data/dialogsum
+    python data_multiwoz.py --summarization samsum --data_dir ../shared/data/dialogue_summarization/samsum \
+        --spm ../shared/data/t5/spiece.model --out_dir data/samsum --train_from_dev 0.9
+
 Choices, checked against the reference code (jshin49/ds2 create_data_mwoz.py, data_loader.py, fix_label.py):
   - history: " system: <sys> user: <usr>" per turn, the first system utterance is the word "none" (DS2);
   - domains: the dialogue's goal domains (DS2 evaluates a turn on the slots of these domains), sorted;
@@ -35,6 +44,7 @@ Choices, checked against the reference code (jshin49/ds2 create_data_mwoz.py, da
     this leaves 999 dialogues / 7368 turns (1000 / 7372 with --keep_all_dialogues; tests/test_data_multiwoz.py).
 """
 import argparse
+import csv
 import hashlib
 import io
 import json
@@ -267,6 +277,39 @@ def read_dialogues(data_dir: Path):
             dialogues[did] = (dialogue, list_split.get(did, file_split), source_name(source))
     sources = sorted({source[0] for source, _ in dialogue_files} | {s[0] for s in lists.values() if s})
     return dialogues, sources
+
+
+SUMMARIZATION_FILES = {"dialogsum": {s: f"dialogsum.{s}.jsonl" for s in SPLITS},
+                       "samsum": {"train": "train.csv", "dev": "val.csv", "test": "test.csv"}}
+
+
+def read_summarization(corpus: str, data_dir: Path):
+    """{split: examples} of DialogSum (JSON lines: fname, dialogue, summary; test: summary1 of 3) or SAMSum (CSV:
+    id, summary, dialogue, quoted multi-line dialogues), one example per dialogue, and the files read."""
+    splits, sources = {split: [] for split in SPLITS}, []
+    for split, name in SUMMARIZATION_FILES[corpus].items():
+        path = data_dir / name
+        if not path.is_file():
+            continue
+        sources.append(path)
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = csv.DictReader(f) if name.endswith(".csv") else (json.loads(line) for line in f if line.strip())
+            n = 0
+            try:
+                for n, row in enumerate(rows, 1):
+                    did, summary = row.get("fname", row.get("id")), row.get("summary", row.get("summary1"))
+                    if not (isinstance(row.get("dialogue"), str) and isinstance(summary, str) and did):
+                        raise ValueError(f"{path}: record {n} lacks a dialogue, a summary or an id (fname/id)")
+                    history = " ".join(normalize(line) for line in row["dialogue"].splitlines() if line.strip())
+                    splits[split].append(dict(dialogue_id=str(did), turn=0, domains=[], history=" " + history,
+                                              state={}, summary=" ".join(summary.split())))
+            except (json.JSONDecodeError, csv.Error) as e:
+                kind = "CSV" if name.endswith(".csv") else "JSON"
+                raise ValueError(f"{path}: record {n + 1} is not valid {kind} ({getattr(e, 'msg', e)})") from None
+    if not sources:
+        raise FileNotFoundError(f"--data_dir {data_dir}: none of {', '.join(SUMMARIZATION_FILES[corpus].values())} "
+                                f"found; point it at the {corpus} folder (../shared/data/dialogue_summarization)")
+    return splits, sources
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -557,8 +600,11 @@ def prepare(args) -> dict:
                                 f"(../shared/data/t5/spiece.model) or omit --spm to train one")
     if args.download:
         download(args.version, data_dir, args.url)
-    dialogues, sources = read_dialogues(data_dir)
-    splits, dropped = build_examples(dialogues, args.keep_all_dialogues)
+    if args.summarization:  # the warm-start corpus: its own summaries, no states
+        (splits, sources), dropped = read_summarization(args.summarization, data_dir), {}
+    else:
+        dialogues, sources = read_dialogues(data_dir)
+        splits, dropped = build_examples(dialogues, args.keep_all_dialogues)
     carved = None
     if args.train_from_dev:
         if splits["train"]:
@@ -577,7 +623,8 @@ def prepare(args) -> dict:
         if not examples:
             hint = " (no train data here: add --train_from_dev 0.9 to carve one out of dev)" * (split == "train")
             raise ValueError(f"{data_dir}: the {split} split is empty{hint}")
-    add_summaries([ex for examples in splits.values() for ex in examples])
+    if not args.summarization:
+        add_summaries([ex for examples in splits.values() for ex in examples])
     if args.spm:
         model, spm_source = Path(args.spm).read_bytes(), str(Path(args.spm).resolve())
     else:
@@ -597,6 +644,7 @@ def prepare(args) -> dict:
             max_src_len=max(map(len, src)), max_tgt_len=max(map(len, tgt)))
     meta = dict(
         version=args.version, created_by="data_multiwoz.py", args=vars(args),
+        task="summarization" if args.summarization else "dst",
         sources=[dict(path=str(p.resolve()), bytes=p.stat().st_size, sha256=sha256(p.read_bytes())) for p in sources],
         spm=dict(file="spm.model", source=spm_source, sha256=sha256(model)),
         vocab_size=sp.get_piece_size(), vocab_note="T5 pads its embedding to 32128 (32000 pieces + 100 sentinels)",
@@ -622,11 +670,16 @@ def parse_args(argv):
     p.add_argument("--train_from_dev", type=float, default=0.0,
                    help="no train split (offline): this fraction of the dev dialogues becomes train")
     p.add_argument("--seed", type=int, default=0, help="seed of --train_from_dev")
+    p.add_argument("--summarization", default="", choices=["", *SUMMARIZATION_FILES],
+                   help="prepare this dialogue-summarization corpus in --data_dir instead (warm start)")
     p.add_argument("--keep_all_dialogues", action="store_true",
                    help="keep the dialogues the reference drops for a >50-word utterance or non-ASCII text")
     args = p.parse_args(argv)
     if args.spm_vocab_size < 100 or args.spm_vocab_size >= 2 ** 16:
         p.error(f"--spm_vocab_size must be in [100, 65535], got {args.spm_vocab_size}")
+    if args.summarization and (args.download or not args.spm):
+        p.error("--summarization reads a local corpus folder (no --download) and needs --spm: the warm start and "
+                "MultiWOZ must share one SentencePiece model")
     if not 0.0 <= args.train_from_dev < 1.0:
         p.error(f"--train_from_dev expects a fraction of the dev dialogues in (0, 1), got {args.train_from_dev}")
     return args

@@ -23,6 +23,14 @@ carves train out of dev (--train_from_dev).
     python ds2.py evaluate --init_from out/ds2-cpu/best.pt --data_dir data/mwz21 --split test
     python ds2.py roundtrip --data_dir data/mwz21 --split test                 # the templates' own ceiling
 
+Warm start (stage 1 on dialogue summaries; data_multiwoz.py --summarization writes a folder whose meta.json says
+"task": "summarization": no states, so evaluation is the loss alone), then stage 2 from its best.pt:
+    python ds2.py --preset cpu --data_dir data/dialogsum --out_dir out/stage1
+    python ds2.py --preset cpu --data_dir data/mwz21 --init_from out/stage1/best.pt --out_dir out/stage2
+The paper's protocols, one command each (runs of `train` in out_dir/<run>, then results.jsonl and table.md):
+    python ds2.py fewshot --ratios 0.01,0.05,0.1,1.0 --seeds 1,2,3 --data_dir data/mwz21 --out_dir out/fewshot
+    python ds2.py crossdomain --ratios 0.01,0.05,0.1 --seeds 1,2,3 --data_dir data/mwz21 --out_dir out/crossdomain
+
 Every Config field is a flag (--key=value or --key value; a bare --flag means true); --preset NAME is applied
 first. A run writes to out_dir: ckpt.pt (latest state; continue with --resume), best.pt (best dev JGA), log.jsonl,
 and at the end test_predictions.jsonl and test_metrics.json.
@@ -38,6 +46,7 @@ import math
 import os
 import pickle
 import re
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -98,7 +107,8 @@ class Config:
     max_iters: int = 0              # optimizer steps; 0 = epochs x steps per epoch
     # evaluation and early stopping
     eval_interval: int = 0          # evaluate every this many steps; 0 = after every epoch (and always at the end)
-    eval_examples: int = 0          # dev turns per evaluation (the first ones); 0 = all. The test split is always whole
+    eval_examples: int = 0          # dev turns per evaluation (the first ones); 0 = all
+    test_examples: int = 0          # test turns scored at the end (the first ones); 0 = all, the only real test
     eval_batch_size: int = 64       # sequences decoded at once
     patience: int = 10              # stop after this many evaluations without a new best (DS2's code: 10); 0 = off
     num_beams: int = 1              # DS2: greedy decoding
@@ -113,6 +123,11 @@ class Config:
     dtype: str = "auto"             # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU
     compile: bool = False           # torch.compile the training model (GPU)
     seed: int = 1337
+    # protocols (the `fewshot` and `crossdomain` commands): runs of `train`, one folder each in out_dir
+    ratios: str = "0.01,0.05,0.1,1.0"  # DS2: 1%, 5%, 10% of the training dialogues (and all of them)
+    seeds: str = "1,2,3"               # each ratio with each seed: the few-shot sample and the training seed
+    domains: str = "hotel,train,restaurant,attraction,taxi"  # crossdomain: each held out in turn
+    report_only: bool = False          # rebuild results.jsonl and table.md from the finished runs; train nothing
 
 
 PRESETS = {
@@ -128,11 +143,13 @@ PRESETS = {
     "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_decoder_layers=6, num_heads=8),
     # DS2's own training settings (its code), a preset only, to compare with the seed's recipe: AdamW lr 5e-5
     # constant, no warmup, clip 1.0, batch 2, up to 100 epochs, fp32, patience 10, greedy up to 100 tokens.
-    "paper": dict(learning_rate=5e-5, decay_lr=False, warmup_iters=0, grad_clip=1.0, batch_size=2,
-                  micro_batch_size=2, epochs=100, eval_interval=0, patience=10, dtype="float32", num_beams=1,
-                  max_new_tokens=100),
+    # Its optimizer is transformers.AdamW with that class's defaults, weight_decay 0.0 and eps 1e-6: with no decay
+    # AdamW is Adam, so only eps differs from the seed's (torch's AdamW with weight_decay 0 is Adam as well).
+    "paper": dict(learning_rate=5e-5, weight_decay=0.0, eps=1e-6, decay_lr=False, warmup_iters=0, grad_clip=1.0,
+                  batch_size=2, micro_batch_size=2, epochs=100, eval_interval=0, patience=10, dtype="float32",
+                  num_beams=1, max_new_tokens=100),
 }
-COMMANDS = ("train", "evaluate", "roundtrip")
+COMMANDS = ("train", "evaluate", "roundtrip", "fewshot", "crossdomain")
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -196,7 +213,7 @@ def validate(config):
         if getattr(c, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(c, key)}")
     for key in ("max_iters", "warmup_iters", "eval_interval", "eval_examples", "patience", "weight_decay",
-                "grad_clip", "min_lr", "stop_step"):
+                "grad_clip", "min_lr", "stop_step", "test_examples"):
         if not getattr(c, key) >= 0:
             raise ValueError(f"--{key} must be >= 0, got {getattr(c, key)}")
     if c.relative_attention_num_buckets % 4:
@@ -228,6 +245,7 @@ def validate(config):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
     if not (c.device in ("auto", "cpu") or c.device.startswith("cuda")):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    protocol_lists(c)
     return c.batch_size // c.micro_batch_size
 
 
@@ -638,7 +656,15 @@ def load_hf_tensors(folder):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused: it holds objects a weights-only load does not allow "
-                         f"(a pickle that could run code): {e}") from None
+                         f"(a pickle that could run code): {refusal_reason(e)}") from None
+
+
+def refusal_reason(error):
+    """torch's weights-only error in one line: what was refused, without its advice to retry with
+    weights_only=False, which would run the code."""
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.startswith(("Weights only load failed", "Check the documentation"))]
+    return " ".join(lines) or "objects other than tensors"
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -1120,7 +1146,7 @@ def load_split(config, split, meta, train=False):
     if len(rows) == 0:
         raise ValueError(f"{folder / f'{split}.jsonl'}: no example left (--except_domain {config.except_domain!r}, "
                          f"--only_domain {config.only_domain!r}); check the split and the domain")
-    return dict(split=split, examples=examples, idx=idx, src=src, tgt=tgt, rows=rows)
+    return dict(split=split, examples=examples, idx=idx, src=src, tgt=tgt, rows=rows, task=meta.get("task", "dst"))
 
 
 def clip(ids, max_len, keep_end):
@@ -1210,9 +1236,10 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused: it holds objects a weights-only load does not allow (a pickle that "
-                         f"could run code, or not a checkpoint of this script): {e}") from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable checkpoint ({e}); is it cut off?") from None
+                         f"could run code, or not a checkpoint of this script): {refusal_reason(e)}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # a cut-off zip fails in torch's reader with EINVAL
+        raise ValueError(f"{path}: unreadable checkpoint ({e}); is it cut off? Use another copy, or start again "
+                         f"in a new --out_dir") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
         raise ValueError(f"{path}: not a ds2.py checkpoint (no model / model_config)")
     return checkpoint
@@ -1226,7 +1253,8 @@ def append_jsonl(path, row):
 def trim_log(path, last_step):
     """On resume, drop log rows past the checkpoint (a crashed run may have logged steps it then lost)."""
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        rows = [line for line in path.read_text().splitlines()  # a line cut short by a crash ends without }
+                if line.endswith("}") and json.loads(line)["step"] <= last_step]
         write_text(path, "".join(line + "\n" for line in rows))
 
 
@@ -1316,7 +1344,8 @@ def train(config):
     out_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty from a run without fp16: --dtype float16 now starts a fresh scale
+            scaler.load_state_dict(checkpoint["scaler"])
         state.update(checkpoint["state"])
         torch.set_rng_state(checkpoint["rng_cpu"])
         if device.type == "cuda" and len(checkpoint["rng_cuda"]) == torch.cuda.device_count():
@@ -1378,17 +1407,22 @@ def train(config):
         run = {"model_config": asdict(model.config), "config": asdict(config), "spm_sha256": meta["spm"]["sha256"]}
         if due or step == total_steps:
             val_loss = estimate_loss(model, val_data, config, autocast, device)
+            if not math.isfinite(val_loss):  # the last update broke the weights: save neither best.pt nor ckpt.pt
+                raise FloatingPointError(f"validation loss is {val_loss} after step {step:,}: the weights diverged; "
+                                         f"the last good checkpoint {out_dir / 'ckpt.pt'} is kept. Resume it with a "
+                                         f"lower --learning_rate or another --dtype")
             metrics, records = evaluate(model, val_data, config, sp, autocast, device, slots,
-                                        f"eval {config.val_split}")
-            # best = highest dev JGA; between equal JGAs (all 0 early on) the lower validation loss
-            improved = (metrics["jga"], -val_loss) > (state["best_jga"], -state["best_val_loss"])
+                                        f"eval {config.val_split}", val_loss)
+            # best = highest dev JGA; between equal JGAs (all 0 early on; always for summaries) the lower val loss
+            improved = (metrics.get("jga", 0.0), -val_loss) > (state["best_jga"], -state["best_val_loss"])
             if improved:
-                state.update(best_jga=metrics["jga"], best_val_loss=val_loss, best_step=step, bad_evals=0)
+                state.update(best_jga=metrics.get("jga", 0.0), best_val_loss=val_loss, best_step=step, bad_evals=0)
             else:
                 state["bad_evals"] += 1
             state["stopped"] = config.patience > 0 and state["bad_evals"] >= config.patience
-            print(f"eval step {step:,} | val loss {val_loss:.4f} | {format_metrics(metrics)} | best jga "
-                  f"{state['best_jga']:.2%} (step {state['best_step']:,})")
+            best = f"jga {state['best_jga']:.2%}" if "jga" in metrics else f"val loss {state['best_val_loss']:.4f}"
+            print(f"eval step {step:,} | val loss {val_loss:.4f} | {format_metrics(metrics)} | best {best} "
+                  f"(step {state['best_step']:,})")
             for r in records[:3]:
                 print(f"  gold: {r['gold_summary']}\n  pred: {r['gen_summary']}")
             append_jsonl(out_dir / "log.jsonl", {"step": step, "val_loss": val_loss, **metrics})
@@ -1396,7 +1430,7 @@ def train(config):
                 save_checkpoint(out_dir / "best.pt", {"model": model.state_dict(), "step": step, "metrics": metrics,
                                                       "val_loss": val_loss, **run})
             if state["stopped"]:
-                print(f"early stop: no better dev JGA in {config.patience} evaluations")
+                print(f"early stop: no better dev score in {config.patience} evaluations")
         if due or step in (total_steps, config.stop_step):
             save_checkpoint(out_dir / "ckpt.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -1411,11 +1445,13 @@ def train(config):
     best = load_checkpoint(out_dir / "best.pt")
     model.load_state_dict(best["model"])
     test_data = load_split(config, config.test_split, meta)
+    if config.test_examples:
+        test_data["rows"] = test_data["rows"][:config.test_examples]
     metrics, records = evaluate(model, test_data, config, sp, autocast, device, slots, f"test {config.test_split}")
     write_results(out_dir, config.test_split, metrics, records,
-                  {"checkpoint": str(out_dir / "best.pt"), "step": best["step"], "val_jga": best["metrics"]["jga"],
-                   "train_time_s": state["train_time_s"], "config": asdict(config)})
-    print(f"test {config.test_split} (best.pt, step {best['step']:,}, dev jga {best['metrics']['jga']:.2%}): "
+                  {"checkpoint": str(out_dir / "best.pt"), "step": best["step"], "val_jga": best["metrics"].get("jga"),
+                   "val_loss": best["val_loss"], "train_time_s": state["train_time_s"], "config": asdict(config)})
+    print(f"test {config.test_split} (best.pt, step {best['step']:,}, dev val loss {best['val_loss']:.4f}): "
           f"{format_metrics(metrics)}")
     return metrics
 
@@ -1461,11 +1497,13 @@ progress.last = 0.0
 
 
 @torch.no_grad()
-def evaluate(model, data, config, sp, autocast, device, slots, label):
+def evaluate(model, data, config, sp, autocast, device, slots, label, loss=None):
     """Generate a summary for every row, read it back into a state with the inverse rules, and score the states
-    against the gold ones. Returns (metrics, records), one record per turn in row order."""
+    against the gold ones. Returns (metrics, records), one record per turn in row order. Summarization data (the
+    warm start) has no states: its score is the teacher-forced loss (`loss` when the caller has it already)."""
     model.eval()
-    rows = data["rows"]
+    summarize = data["task"] == "summarization"  # no states to score: loss only (ROUGE-free), 3 summaries shown
+    rows = data["rows"][:3] if summarize else data["rows"]
     order = rows[np.argsort(-data["idx"][rows, 1], kind="stable")]  # similar lengths together: little padding
     summaries, start = {}, time.time()
     for i in range(0, len(order), config.eval_batch_size):
@@ -1480,12 +1518,17 @@ def evaluate(model, data, config, sp, autocast, device, slots, label):
         ex, summary = data["examples"][row], summaries[int(row)]
         records.append(dict(dialogue_id=ex["dialogue_id"], turn=ex["turn"], gold_state=ex["state"],
                             pred_state=summary_to_state(summary), gold_summary=ex["summary"], gen_summary=summary))
+    if summarize:
+        loss = estimate_loss(model, data, config, autocast, device) if loss is None else loss
+        return {"summary_loss": loss, "n_turns": len(data["rows"])}, records
     metrics = compute_metrics([r["pred_state"] for r in records], [r["gold_state"] for r in records], slots)
     metrics["summary_em"] = sum(r["gen_summary"] == r["gold_summary"] for r in records) / len(records)
     return metrics, records
 
 
 def format_metrics(m):
+    if "jga" not in m:
+        return f"summary loss {m['summary_loss']:.4f} | {m['n_turns']:,} examples (no states: scored by the loss)"
     domains = ", ".join(f"{d} {v:.1%}" for d, v in m["per_domain_jga"].items())
     return (f"jga {m['jga']:.2%} | slot acc {m['slot_acc']:.2%} | slot f1 {m['slot_f1']:.2%} | summary em "
             f"{m['summary_em']:.2%} | per-domain jga: {domains or '-'} | {m['n_turns']:,} turns")
@@ -1495,6 +1538,104 @@ def write_results(out_dir, split, metrics, records, extra):
     """{split}_predictions.jsonl (per turn: ids, gold and predicted state and summary) and {split}_metrics.json."""
     write_text(out_dir / f"{split}_predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     write_text(out_dir / f"{split}_metrics.json", json.dumps({"split": split, **metrics, **extra}, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Protocols: the paper's experiments as runs of `train` (a subprocess and a folder each), then one table
+
+PROTOCOL_KEYS = ("ratios", "seeds", "domains", "report_only")
+
+
+def protocol_lists(config):
+    """(ratios, seeds, domains) of --ratios, --seeds, --domains, checked."""
+    try:
+        ratios, seeds = [float(r) for r in config.ratios.split(",")], [int(x) for x in config.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--ratios and --seeds take comma-separated numbers (--ratios 0.01,0.05 --seeds 1,2), got "
+                         f"{config.ratios!r} and {config.seeds!r}") from None
+    domains = config.domains.split(",")
+    if not all(0 < r <= 1 for r in ratios) or not set(domains) <= set(DOMAINS):
+        raise ValueError(f"--ratios must lie in (0, 1] (DS2: 0.01,0.05,0.1) and --domains among "
+                         f"{','.join(DOMAINS)}, got {config.ratios!r} and {config.domains!r}")
+    return ratios, seeds, domains
+
+
+def protocol_runs(command, config):
+    """[(run name, table keys, flags)] in running order. fewshot (multi-domain): every ratio x seed on all
+    dialogues, scored on all 30 slots. crossdomain, per domain X: stage 1 on the dialogues without X
+    (--except_domain), then every ratio x seed fine-tuned from its best.pt on a sample of X's dialogues, scored on
+    X's slots (--only_domain). The few-shot sample and the training seed both follow the run's seed."""
+    ratios, seeds, domains = protocol_lists(config)
+    grid = [(r, s, {"fewshot": r, "fewshot_seed": s, "seed": s}) for r in ratios for s in seeds]
+    if command == "fewshot":
+        return [(f"{r:g}_{s}", dict(domain="all", ratio=r, seed=s, stage=2), flags) for r, s, flags in grid]
+    runs = []
+    for d in domains:
+        stage1 = str(Path(config.out_dir) / f"{d}_pretrain" / "best.pt")
+        runs.append((f"{d}_pretrain", dict(domain=d, ratio=1.0, seed=config.seed, stage=1), {"except_domain": d}))
+        runs += [(f"{d}_{r:g}_{s}", dict(domain=d, ratio=r, seed=s, stage=2),
+                  {**flags, "only_domain": d, "init_from": stage1}) for r, s, flags in grid]
+    return runs
+
+
+def protocol_command(command, config):
+    """Run the protocol's missing runs (a finished one has test_metrics.json; a started one is resumed), each as
+    `python ds2.py train` with this command's config plus the run's flags, then write the report."""
+    out, runs = Path(config.out_dir), protocol_runs(command, config)
+    base = {k: v for k, v in asdict(config).items() if k not in PROTOCOL_KEYS}
+    for i, (name, _, flags) in enumerate(runs if not config.report_only else [], 1):
+        run_dir = out / name
+        if (run_dir / "test_metrics.json").is_file():
+            print(f"{command} {i}/{len(runs)} {name}: done, kept")
+            continue
+        args = {**base, **flags, "out_dir": run_dir, "resume": (run_dir / "ckpt.pt").is_file()}
+        print(f"{command} {i}/{len(runs)} {name}: train {' '.join(f'--{k} {v}' for k, v in flags.items())}")
+        argv = [sys.executable, str(Path(__file__).resolve()), "train"] + [f"--{k}={v}" for k, v in args.items()]
+        if subprocess.run(argv).returncode:
+            raise ValueError(f"run {run_dir} failed (its error is above); fix it and run the same command again: "
+                             f"finished runs are kept, a started one is resumed")
+    return protocol_report(command, runs, out)
+
+
+def mean_spread(values):
+    """'45.38 ± 1.20 (3)': mean and sample standard deviation over seeds, in %, and the number of runs."""
+    if not values:
+        return "-"
+    spread = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.2f}{spread} ({len(values)})"
+
+
+def protocol_report(command, runs, out):
+    """results.jsonl (a row per finished run) and table.md (DS2's layout: a row per domain, a column per ratio)."""
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} not found: no runs of this protocol there (check --out_dir)")
+    rows, missing = [], []
+    for name, keys, _ in runs:
+        path = out / name / "test_metrics.json"
+        if not path.is_file():
+            missing.append(name)
+            continue
+        m = json.loads(path.read_text())
+        rows.append({"protocol": command, "run": name, **keys, **{k: m.get(k) for k in (
+            "jga", "slot_acc", "slot_f1", "per_domain_jga", "n_turns", "step", "val_jga", "train_time_s")}})
+    write_text(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    stage2 = [row for row in rows if row["stage"] == 2]
+    ratios = sorted({row["ratio"] for row in stage2})
+    text = f"# {command}: test metrics (%) of the best dev checkpoint, mean ± std over seeds (runs)\n"
+    for metric in ("jga", "slot_acc", "slot_f1"):
+        text += f"\n| {metric} | " + " | ".join(f"{r * 100:g}%" for r in ratios) + " |\n|---|" + "---|" * len(ratios)
+        for domain in dict.fromkeys(row["domain"] for row in stage2):
+            cells = [mean_spread([100 * row[metric] for row in stage2 if (row["domain"], row["ratio"]) == (domain, r)])
+                     for r in ratios]
+            text += f"\n| {domain} | " + " | ".join(cells) + " |"
+        text += "\n"
+    for row in rows:
+        if row["stage"] == 1:
+            text += f"\nstage 1 without {row['domain']}: test jga {100 * row['jga']:.2f} on the other domains' slots"
+    text += f"\n\nmissing runs: {', '.join(missing)}\n" if missing else "\n"
+    write_text(out / "table.md", text)
+    print(text + f"wrote {out / 'results.jsonl'} and {out / 'table.md'}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1521,8 +1662,17 @@ def evaluate_command(config):
 def roundtrip_command(config):
     """`roundtrip`: the share of a split's gold states that come back exactly from state -> summary -> state: the
     ceiling of any model read through the templates (DS2's own converter: 91.3% on MultiWOZ 2.1 test)."""
-    states = [ex["state"] for ex in read_examples(Path(config.data_dir) / f"{config.split}.jsonl")]
-    failures = roundtrip(states)
+    path = Path(config.data_dir) / f"{config.split}.jsonl"
+    states = [ex["state"] for ex in read_examples(path)]
+    try:
+        failures = roundtrip(states)
+    except ValueError:  # a state the templates cannot write (an unknown slot, an empty value): name its line
+        for line_no, state in enumerate(states, 1):
+            try:
+                check_state(state)
+            except ValueError as e:
+                raise ValueError(f"{path} line {line_no}: {e}") from None
+        raise
     for i, state, summary, parsed in failures:
         print(f"FAIL example {i}: {json.dumps(state)}\n  summary: {summary}\n  parsed:  {json.dumps(parsed)}")
     exact = len(states) - len(failures)
@@ -1535,7 +1685,10 @@ def main(argv=None):
         sys.stdout.reconfigure(line_buffering=True)
     try:
         command, config = parse_args(sys.argv[1:] if argv is None else argv)
-        {"train": train, "evaluate": evaluate_command, "roundtrip": roundtrip_command}[command](config)
+        if command in ("fewshot", "crossdomain"):
+            protocol_command(command, config)
+        else:
+            {"train": train, "evaluate": evaluate_command, "roundtrip": roundtrip_command}[command](config)
     except (ValueError, FileNotFoundError) as e:  # the user's input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -722,6 +722,9 @@ def batch_indices(step, seed, num_samples, batch_size, world_size=1, rank=0):
 def read_meta(data_dir):
     """meta.json from data_owt.py, or {} (bins made by nanoGPT's prepare.py carry none)."""
     path = Path(data_dir) / "meta.json"
+    if not path.is_file() and path.with_name("meta.json.tmp").is_file():  # data_owt.py stopped while renaming
+        raise ValueError(f"{data_dir}: data_owt.py was stopped while writing this folder (meta.json.tmp, no "
+                         f"meta.json), so train.bin and val.bin may be from different runs; re-run data_owt.py")
     if not path.is_file():
         return {}
     try:
@@ -1167,20 +1170,27 @@ def perplexity(config):
 # ----------------------------------------------------------------------------------------------------------------
 # The report: the seed's runs and the variants, one after another, then the seed's table and figure
 
-def report_runs(config):
-    """name -> (what it is, its overrides). The seed's three runs, a second baseline seed (the noise), the variants."""
+def report_runs(config, names=()):
+    """name -> (what it is, its overrides). The seed's three runs, a second baseline seed (the noise), the variants;
+    NAME_seedN is run NAME with seed + N - 1 (e.g. exp1_seed2, baseline_seed3)."""
     frac, short = config.stage_frac or 0.25, config.stage_len
     staged = dict(stage_frac=frac)
-    return {"baseline": ("full context all the way", {}),
+    known = {"baseline": ("full context all the way", {}),
             "baseline_seed2": ("baseline, another seed (init and data order)", dict(seed=config.seed + 1)),
             "exp1": (f"seed Exp 1: {frac:.0%} of steps at ctx {short}", staged),
-            "exp2": ("seed Exp 2: Exp 1 + match_tokens (second-epoch samples)", dict(staged, match_tokens=True)),
+            "exp2": ("seed Exp 2: Exp 1 + match_tokens (the next samples)", dict(staged, match_tokens=True)),
             "reshape": (f"Exp 1 as reshape: {config.block_size // short} rows per sample",
                         dict(staged, stage_mode="reshape")),
             "recycle": ("Exp 2, recycling the truncated samples", dict(staged, match_tokens=True, recycle=True)),
             "two_stage": (f"ctx {short} for 25%, {2 * short} for 25%", dict(stages=f"{short}:0.25,{2 * short}:0.25")),
             "linear": (f"linear {short} -> {config.block_size} over {frac:.0%}", dict(staged, length_warmup=True)),
             "tokens_lr": ("Exp 1, LR decayed by tokens", dict(staged, lr_decay_by="tokens"))}
+    for name in names:
+        base, _, n = name.rpartition("_seed")
+        if name not in known and base in known and n.isdigit() and int(n) > 0:
+            seed = config.seed + int(n) - 1
+            known[name] = (f"{known[base][0]}; seed {seed}", dict(known[base][1], seed=seed))
+    return known
 
 
 REPORT_KEYS = ("stage_frac", "stages", "match_tokens", "recycle", "length_warmup", "stage_mode", "lr_decay_by", "seed",
@@ -1190,8 +1200,8 @@ REPORT_KEYS = ("stage_frac", "stages", "match_tokens", "recycle", "length_warmup
 def report(config):
     """Train each of --runs as a subprocess in out_dir/NAME (a finished run is kept, an interrupted one resumed),
     then write out_dir/report.md and out_dir/val_loss.png."""
-    known = report_runs(config)
     names = [n for n in config.runs.split(",") if n]
+    known = report_runs(config, names)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"--runs: unknown run(s) {unknown} (known: {', '.join(known)})")
@@ -1262,9 +1272,9 @@ def plot_val_loss(out_dir, names, extra_name=""):
     for name in names:
         rows = [json.loads(line) for line in (out_dir / name / "log.jsonl").read_text().splitlines()]
         for ax, (key, title) in zip(axes[0], keys):
-            points = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r]
+            points = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r and r["tokens"]]  # step 0: ln(vocab)
             ax.plot(*zip(*points), marker=".", label=name)
-            ax.set(xlabel="tokens seen (M)", ylabel=title, title=title)
+            ax.set(xlabel="tokens seen (M)", ylabel=title)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     tmp = out_dir / "val_loss.tmp.png"

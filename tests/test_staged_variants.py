@@ -207,6 +207,12 @@ def test_report_builds_its_table_from_the_runs_results_files(tmp_path, capsys):
         assert "matplotlib is not installed" in capsys.readouterr().out
 
 
+def test_report_runs_another_seed_of_any_named_run():
+    runs = gs.report_runs(gs.Config(seed=1337), ["exp1_seed2", "baseline_seed3"])
+    assert runs["exp1_seed2"][1] == dict(runs["exp1"][1], seed=1338) and runs["baseline_seed3"][1] == {"seed": 1339}
+    assert runs["baseline_seed2"][1] == {"seed": 1338}
+
+
 def test_report_names_a_run_that_has_not_finished(tmp_path, capsys):
     write_run(tmp_path / "baseline", "baseline", 120.5, 300.25, 409_600, 360.0)
     assert gs.main(["report", "--report_only", "--runs", "baseline,exp2", "--out_dir", str(tmp_path)]) == 2
