@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the top-level scripts are imported as modules
@@ -43,3 +44,13 @@ def require_module(name: str):
 def shared_data():
     """The ../shared/data folder itself (skip on a user's machine without it, fail in CI)."""
     return require_shared("")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests use tiny models: on a shared 2-core machine one thread is several times faster than two (no OpenMP
+    hand-offs), and results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

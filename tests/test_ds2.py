@@ -21,13 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_t5(vocab_size=64, seed=0, **overrides):
     torch.manual_seed(seed)

@@ -20,13 +20,6 @@ ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--preset", "smoke", "--max_iters", "2", "--eval_interval", "2", "--max_new_tokens", "4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write_dialogsum(folder, n=(6, 3, 3)):
     folder.mkdir()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import require_module
 import gpt_staged as gs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,27 +22,6 @@ SEED_SAMPLES = 12_574_161  # seed: num_train_samples of openwebtext1+2 at n_ctx 
 SMOKE = ["--preset", "smoke", "--vocab_size", "128"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Smoke-size models run ~8x faster on one thread than on two on a shared 2-core machine (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def require_transformers():
-    """transformers is a test-only reference (requirements-test.txt): skipped without it on a user's machine, a
-    failure in CI (CI set), like conftest.require_shared."""
-    try:
-        import transformers
-    except ImportError:
-        message = "transformers missing: pip install -r requirements-test.txt"
-        if os.environ.get("CI"):
-            pytest.fail(message + " -- CI must run the reference-logits tests")
-        pytest.skip(message)
-    return transformers
 
 
 def make_bins(folder, train_tokens=60_000, val_tokens=3_000, vocab=100, period=37):
@@ -184,7 +164,7 @@ def test_forward_accepts_any_context_up_to_block_size():
 
 @pytest.mark.parametrize("layout", ["model.safetensors", "pytorch_model.bin"])
 def test_from_pretrained_reproduces_hugging_face_logits(tmp_path, layout):
-    transformers = require_transformers()
+    transformers = require_module("transformers")
     hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=48, vocab_size=300,
                                         bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
@@ -208,7 +188,7 @@ def test_from_pretrained_reproduces_hugging_face_logits(tmp_path, layout):
 
 
 def test_training_starts_from_a_pretrained_folder(tmp_path):
-    transformers = require_transformers()
+    transformers = require_module("transformers")
     torch.manual_seed(0)
     reference = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=2, n_head=2, n_embd=32, n_positions=48, vocab_size=120, bos_token_id=0, eos_token_id=0)).eval()

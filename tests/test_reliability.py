@@ -40,13 +40,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is faste
 SMOKE = ["--preset", "smoke", "--vocab_size", "128"]  # make_bins writes ids < 100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def snapshot(*folders):
     """{path: bytes} of every file under the folders: 'nothing already written lost or half-overwritten'."""

@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_shared
-from test_gpt_staged import SEED_SAMPLES, make_bins, run_train
+from test_gpt_staged import SEED_SAMPLES, run_train
 
 import gpt_staged as gs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- reshape, recycling, schedules -----------------------------------------------------------------------------
