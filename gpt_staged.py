@@ -967,8 +967,8 @@ def train(config):
         if extra_path:  # a second validation set, e.g. WikiText-2 test
             row["extra_val_loss"] = estimate_loss(eval_model, extra_path, num_extra, config, autocast, device, rank,
                                                   world_size)
-        log(f"step {step:,}: val loss {val:.4f} | val ppl {math.exp(val):.2f} | tokens {human(tokens_seen)}"
-            + (f" | {extra_path.parent.name} ppl {math.exp(row['extra_val_loss']):.2f}" if extra_path else ""))
+        log(f"step {step:,}: val loss {val:.4f} | val ppl {ppl_of(val):.2f} | tokens {human(tokens_seen)}"
+            + (f" | {extra_path.parent.name} ppl {ppl_of(row['extra_val_loss']):.2f}" if extra_path else ""))
         if master:
             append_jsonl(out_dir / "log.jsonl", row)
         return row
@@ -1055,8 +1055,8 @@ def train(config):
               "stage_frac": config.stage_frac,
               "stage_len": config.stage_len, "match_tokens": config.match_tokens, "steps": step,
               "total_steps": total_steps, "tokens_seen": tokens_seen, "val_loss": last_eval["val_loss"],
-              "val_ppl": math.exp(last_eval["val_loss"]), "train_time_s": train_time,
-              **({"extra_val_ppl": math.exp(last_eval["extra_val_loss"])} if "extra_val_loss" in last_eval else {}),
+              "val_ppl": ppl_of(last_eval["val_loss"]), "train_time_s": train_time,
+              **({"extra_val_ppl": ppl_of(last_eval["extra_val_loss"])} if "extra_val_loss" in last_eval else {}),
               "tokens_per_s": tokens_seen / train_time if train_time else 0.0, "config": asdict(config)}
     if master and step == total_steps:
         append_jsonl(out_dir / "results.jsonl", result)
@@ -1070,6 +1070,11 @@ def train(config):
 # Evaluation
 
 @torch.no_grad()
+def ppl_of(loss):
+    """exp(loss), but inf instead of an OverflowError when a diverging run's loss passes ~709 nats."""
+    return math.exp(loss) if loss < 709 else float("inf")
+
+
 def estimate_loss(model, val_path, num_val, config, autocast, device, rank=0, world_size=1):
     """Mean validation loss per token at full context on a fixed subset: the first eval_iters x micro_batch_size
     samples of val.bin (all of it if shorter), the same every time, so evaluations compare across steps and runs.
@@ -1163,8 +1168,8 @@ def perplexity(config):
                   f"{(len(starts) - i - 1) / rate:.0f} s", file=sys.stderr)
     loss = total / (len(tokens) - 1)
     print(f"{path}: {len(tokens) - 1:,} tokens predicted in {len(starts):,} non-overlapping windows of up to {T}: "
-          f"loss {loss:.4f} | ppl {math.exp(loss):.3f}")
-    return math.exp(loss)
+          f"loss {loss:.4f} | ppl {ppl_of(loss):.3f}")
+    return ppl_of(loss)
 
 
 # ----------------------------------------------------------------------------------------------------------------
