@@ -48,6 +48,7 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,6 +129,12 @@ class Config:
     seeds: str = "1,2,3"               # each ratio with each seed: the few-shot sample and the training seed
     domains: str = "hotel,train,restaurant,attraction,taxi"  # crossdomain: each held out in turn
     report_only: bool = False          # rebuild results.jsonl and table.md from the finished runs; train nothing
+    # bench command (random weights and tokens, no data needed): training step, decoding, beam search
+    bench_steps: int = 2            # timed steps per variant in each round
+    bench_repeats: int = 3          # rounds, variants interleaved in each; figures are medians
+    bench_plain: bool = True        # also time plain attention + for-loop AdamW, to show what SDPA and fusing buy
+    bench_src_len: int = 206        # MultiWOZ 2.1 test means, T5 tokens: 206 source (1,520,336 / 7,368 turns) ...
+    bench_tgt_len: int = 44         # ... and 44 target (324,126 / 7,368)
 
 
 PRESETS = {
@@ -149,7 +156,7 @@ PRESETS = {
                   batch_size=2, micro_batch_size=2, epochs=100, eval_interval=0, patience=10, dtype="float32",
                   num_beams=1, max_new_tokens=100),
 }
-COMMANDS = ("train", "evaluate", "roundtrip", "fewshot", "crossdomain")
+COMMANDS = ("train", "evaluate", "roundtrip", "fewshot", "crossdomain", "bench")
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -209,7 +216,8 @@ def validate(config):
     c = config
     for key in ("d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers", "num_heads", "batch_size",
                 "micro_batch_size", "epochs", "eval_batch_size", "num_beams", "max_new_tokens", "log_interval",
-                "relative_attention_num_buckets", "relative_attention_max_distance"):
+                "relative_attention_num_buckets", "relative_attention_max_distance", "bench_steps", "bench_repeats",
+                "bench_src_len", "bench_tgt_len"):
         if getattr(c, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(c, key)}")
     for key in ("max_iters", "warmup_iters", "eval_interval", "eval_examples", "patience", "weight_decay",
@@ -315,9 +323,18 @@ def compute_dtype(device_type):
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
 
 
+def plain_attention(q, k, v, mask, scale, dropout_p=0.0):
+    """softmax(q k^T x scale + mask) v, written out: what scaled_dot_product_attention fuses into one kernel. Kept
+    as the benchmark's "plain" variant and as its reference."""
+    att = (q @ k.transpose(-2, -1)) * scale + mask
+    att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), p=dropout_p)
+    return att @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention without biases and without the 1/sqrt(d_kv) scaling (T5 folds it into the init).
     `mask` is additive, (B or 1, H or 1, T, S), with the relative position bias already folded in."""
+    use_sdpa = True  # False: plain_attention instead (bench's "plain" variant); the results are the same
 
     def __init__(self, config):
         super().__init__()
@@ -348,8 +365,11 @@ class Attention(nn.Module):
             k, v = self.split_heads(self.k(source)), self.split_heads(self.v(source))
             if cache is not None:
                 cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, dropout_p=dropout_p)
+        else:
+            y = plain_attention(q, k, v, mask, 1.0, dropout_p)
         return self.o(y.transpose(1, 2).reshape(x.size(0), x.size(1), -1))
 
 
@@ -616,12 +636,15 @@ class T5(nn.Module):
             print(f"from_pretrained: ignored {len(ignored)} tensor(s) of {folder}: {', '.join(ignored[:3])}")
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type):
-        """Adam(W): decay (none in the seed) on the 2-D weights, none on norms; fused into one kernel on CUDA."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, fused=True):
+        """Adam(W): decay (none in the seed) on the 2-D weights, none on norms. fused: one kernel over all
+        parameters (CUDA; CPU since torch 2.4); fused=False is the plain per-tensor loop, the benchmark's baseline."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=device_type == "cuda")
+        fused = fused and device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None,
+                                 foreach=None if fused else False)
 
 
 def read_hf_config(folder):
@@ -1308,6 +1331,30 @@ def human(n):
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+def forward_backward(model, micro_batches, autocast, scaler):
+    """The gradient-accumulation half of a step: forward and backward of each (src, labels, weight) micro-batch,
+    its loss times its weight (the weights sum to 1), so the summed gradients are those of the whole batch.
+    Returns the step's loss as a tensor (reading it waits for the device)."""
+    loss_sum = 0.0
+    for src, labels, weight in micro_batches:
+        with autocast:
+            _, loss = model(src, labels)
+            loss = loss * weight
+        loss_sum = loss_sum + loss.detach()
+        scaler.scale(loss).backward()
+    return loss_sum
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """The other half: clip the global gradient norm, update, clear the gradients."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # in fp16 the scaler skips a step whose gradients overflowed, then lowers its scale
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adding
+
+
 def train(config):
     """One run: data, model, the AMP + gradient-accumulation loop, evaluations with early stopping on dev JGA,
     and a final test evaluation of the best checkpoint."""
@@ -1369,28 +1416,18 @@ def train(config):
         batch = batch_rows(step, config.seed, rows, config.batch_size)
         src_tokens, tgt_tokens = token_counts(train_data, batch, config)
         train_model.train()
-        loss_sum = torch.zeros((), device=device)
-        for i in range(0, len(batch), config.micro_batch_size):
-            micro = batch[i:i + config.micro_batch_size]
-            src, labels = get_batch(train_data, micro, config, device)
-            with autocast:
-                _, loss = train_model(src, labels)
-                # weighted by target tokens: the step's loss is the mean over all its target tokens, however the
-                # batch is cut into micro-batches (the seed's "loss / accumulation steps" for equal-sized ones)
-                loss = loss * (token_counts(train_data, micro, config)[1] / tgt_tokens)
-            loss_sum += loss.detach()
-            scaler.scale(loss).backward()
-        lossf = loss_sum.item()
+        # each micro-batch weighted by its share of the step's target tokens: the step's loss is the mean over all
+        # its target tokens, however the batch is cut (the seed's "loss / accumulation steps" for equal-sized ones)
+        micro_batches = ((*get_batch(train_data, micro, config, device),
+                          token_counts(train_data, micro, config)[1] / tgt_tokens)
+                         for micro in (batch[i:i + config.micro_batch_size]
+                                       for i in range(0, len(batch), config.micro_batch_size)))
+        lossf = forward_backward(train_model, micro_batches, autocast, scaler).item()
         if not math.isfinite(lossf):
             raise FloatingPointError(f"loss is {lossf} at step {step:,} (lr {lr:.2e}): stopped before updating; the "
                                      f"last good checkpoint {out_dir / 'ckpt.pt'} is kept. Resume it with a lower "
                                      f"--learning_rate or another --dtype")
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)  # in fp16 the scaler skips a step whose gradients overflowed, then lowers its scale
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, config.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -1639,6 +1676,162 @@ def protocol_report(command, runs, out):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Benchmark: a training step with and without SDPA + fused AdamW, decoding with and without the KV cache, beams
+
+DECODE_BATCH, DECODE_TOKENS = 8, 64
+
+
+def rss_mib():
+    """Resident set size of this process (Linux /proc; nan elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+class PeakMemory:
+    """Peak memory (MiB) inside a `with` block: the CUDA allocator's counter on a GPU; on a CPU the process's
+    resident set size sampled every 5 ms by a thread (the kernel's ru_maxrss cannot be reset between blocks)."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.running = device, 0.0, False
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak, self.running = rss_mib(), True
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_mib())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, rss_mib())
+
+
+def bench_steps(config, model, device, autocast, scaler, accum):
+    """Median training-step time per variant on one fixed micro-batch of bench_src_len / bench_tgt_len tokens
+    (accum of them per step), the variants interleaved in every round; round 0 warms up and is not counted."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    args = (config.weight_decay, config.learning_rate, (config.beta1, config.beta2), config.eps, device.type)
+    variants = {"sdpa + fused AdamW": (True, model.configure_optimizers(*args, fused=True))}
+    if config.bench_plain:
+        variants["plain attention + for-loop AdamW"] = (False, model.configure_optimizers(*args, fused=False))
+    src = torch.randint(2, model.config.vocab_size, (config.micro_batch_size, config.bench_src_len), device=device)
+    labels = torch.randint(2, model.config.vocab_size, (config.micro_batch_size, config.bench_tgt_len), device=device)
+    times, peaks, started = {}, {}, time.time()
+    model.train()
+    for rnd in range(config.bench_repeats + 1):
+        for name, (sdpa, optimizer) in variants.items():
+            Attention.use_sdpa = sdpa
+            with PeakMemory(device) as memory:
+                for _ in range(config.bench_steps):
+                    t0 = time.perf_counter()
+                    forward_backward(model, [(src, labels, 1 / accum)] * accum, autocast, scaler)
+                    sync()
+                    t1 = time.perf_counter()
+                    optimizer_step(model, optimizer, scaler, config.grad_clip)
+                    sync()
+                    if rnd:
+                        times.setdefault(name, []).append((t1 - t0, time.perf_counter() - t1))
+            peaks[name] = max(peaks.get(name, 0.0), memory.peak)
+        print(f"bench: round {rnd}/{config.bench_repeats} done ({'warm-up, ' if not rnd else ''}"
+              f"{time.time() - started:,.0f} s)", flush=True)
+    Attention.use_sdpa = True
+    tokens = config.batch_size * (config.bench_src_len + config.bench_tgt_len)
+    rows = []
+    for name, ts in times.items():
+        step = float(np.median([sum(t) for t in ts]))
+        rows.append(dict(variant=name, examples=config.batch_size, src_len=config.bench_src_len,
+                         tgt_len=config.bench_tgt_len, step_ms=step * 1e3,
+                         fwd_bwd_ms=float(np.median([t[0] for t in ts])) * 1e3,
+                         update_ms=float(np.median([t[1] for t in ts])) * 1e3, tokens_per_s=tokens / step,
+                         peak_mib=peaks[name], samples=len(ts)))
+    return rows
+
+
+@torch.no_grad()
+def bench_decode(config, model, device):
+    """ms per new token of greedy decoding (batch 8, 64 new tokens, the encoder pass not counted) with the KV cache
+    vs recomputing the whole prefix every token: the decoding loop of generate(), run to full length (random
+    weights would stop at an early EOS); alternated, medians. Then beam search: ms per token and encoder rows."""
+    model.eval()
+    src = torch.randint(2, model.config.vocab_size, (DECODE_BATCH, config.bench_src_len), device=device)
+    enc_out = model.encode(src)
+    times = {True: [], False: []}
+    for rnd in range(config.bench_repeats + 1):
+        for use_cache in times:
+            cache = model.new_cache() if use_cache else None
+            seqs = torch.full((DECODE_BATCH, 1), PAD_ID, dtype=torch.long, device=device)
+            t0 = time.perf_counter()
+            for _ in range(DECODE_TOKENS):
+                token = model.next_logits(seqs, enc_out, src, cache).argmax(-1)
+                seqs = torch.cat([seqs, token[:, None]], dim=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rnd:
+                times[use_cache].append((time.perf_counter() - t0) / DECODE_TOKENS * 1e3)
+    cached, recomputed = (float(np.median(times[c])) for c in (True, False))
+    encoded = []  # rows through the encoder during beam search: B, not B x beams (the beams share it)
+    encode = model.encode
+    model.encode = lambda s: (encoded.append(s.size(0)), encode(s))[1]
+    t0 = time.perf_counter()
+    out = model.generate(src, DECODE_TOKENS, num_beams=4)
+    beam_ms = (time.perf_counter() - t0) / max(out.size(1), 1) * 1e3
+    del model.encode
+    return dict(batch=DECODE_BATCH, src_len=config.bench_src_len, new_tokens=DECODE_TOKENS,
+                cache_ms_per_token=cached, recompute_ms_per_token=recomputed, speedup=recomputed / cached,
+                beam4_ms_per_token=beam_ms, beam4_tokens=out.size(1), beam4_encoder_rows=sum(encoded))
+
+
+def bench(config):
+    """Print the benchmark tables and write out_dir/bench_ds2.json (see README, Performance)."""
+    accum = validate(config)
+    device, dtype, autocast = setup(config)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(config.seed)
+    model = T5(T5Config(**{k: getattr(config, k) for k in MODEL_KEYS})).to(device)
+    load = os.getloadavg()
+    print(f"bench: T5 {model.num_params() / 1e6:.2f}M, {config.batch_size} examples per step "
+          f"({config.micro_batch_size} x {accum}) of {config.bench_src_len} source + {config.bench_tgt_len} target "
+          f"tokens, device {device}, dtype {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
+          f"load average {load[0]:.2f}", flush=True)
+    result = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "loadavg_start": load, "config": asdict(config),
+              "steps": bench_steps(config, model, device, autocast, scaler, accum)}
+    print("\n| variant | step ms | fwd+bwd ms | update ms | tokens/s | peak MiB |\n|---|---|---|---|---|---|")
+    for r in result["steps"]:
+        print(f"| {r['variant']} | {r['step_ms']:,.1f} | {r['fwd_bwd_ms']:,.1f} | {r['update_ms']:,.1f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} |")
+    if len(result["steps"]) == 2:
+        fast, slow = result["steps"]
+        print(f"sdpa + fused AdamW is {slow['step_ms'] / fast['step_ms']:.2f}x as fast as the plain version "
+              f"(fwd+bwd {slow['fwd_bwd_ms'] / fast['fwd_bwd_ms']:.2f}x, update {slow['update_ms'] / fast['update_ms']:.2f}x)")
+    result["decode"] = d = bench_decode(config, model, device)
+    print(f"greedy decoding, batch {d['batch']}, {d['new_tokens']} new tokens: {d['cache_ms_per_token']:.2f} ms/token "
+          f"with the KV cache, {d['recompute_ms_per_token']:.2f} recomputing ({d['speedup']:.1f}x); beam search (4 "
+          f"beams): {d['beam4_ms_per_token']:.2f} ms/token, {d['beam4_encoder_rows']} encoder rows for "
+          f"{d['batch']} examples")
+    result["loadavg_end"] = os.getloadavg()
+    out = Path(config.out_dir) / "bench_ds2.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out} (load average at the end {result['loadavg_end'][0]:.2f})")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 
 def evaluate_command(config):
@@ -1688,7 +1881,8 @@ def main(argv=None):
         if command in ("fewshot", "crossdomain"):
             protocol_command(command, config)
         else:
-            {"train": train, "evaluate": evaluate_command, "roundtrip": roundtrip_command}[command](config)
+            {"train": train, "evaluate": evaluate_command, "roundtrip": roundtrip_command,
+             "bench": bench}[command](config)
     except (ValueError, FileNotFoundError) as e:  # the user's input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,9 +32,11 @@ Every Config field is a flag: `--key=value` or `--key value` (a bare `--flag` me
 applied first. Each run writes to out_dir: ckpt.pt (latest checkpoint), log.jsonl (one row per step and per
 evaluation) and results.jsonl (one row per finished run).
 """
+import contextlib
 import dataclasses
 import difflib
 import functools
+import io
 import itertools
 import json
 import math
@@ -42,6 +44,8 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,7 +112,7 @@ class Config:
     # system
     device: str = "auto"            # 'auto' = cuda if available, else cpu
     dtype: str = "auto"             # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU
-    compile: bool = False           # torch.compile (GPU); it recompiles once, at the stage switch
+    compile: bool = False           # torch.compile (GPU): static shapes, one recompile at the stage switch
     peak_flops: float = 312e12      # MFU denominator per device: A100 bf16 peak; on a CPU MFU is only relative
     seed: int = 1337
     num_samples: int = 0            # plan command only: samples in train.bin (0 = count them in data_dir)
@@ -124,6 +128,12 @@ class Config:
     # report command: named runs one after another, then a table and a plot
     runs: str = "baseline,baseline_seed2,exp1,exp2,reshape,recycle,two_stage,linear"
     report_only: bool = False       # rebuild report.md and val_loss.png from the runs' files, train nothing
+    # bench command (random tokens, no data needed): timings per context, variant and decoding mode
+    bench_steps: int = 2            # timed steps per variant and context in each round
+    bench_repeats: int = 3          # rounds, variants and contexts interleaved in each; figures are medians
+    bench_plain: bool = True        # also time plain attention + for-loop AdamW, to show what SDPA and fusing buy
+    bench_runs: int = 0             # also time real baseline and staged runs (train()) of this many steps; 0 = off
+    bench_decode: bool = True       # also time greedy decoding with and without the KV cache
 
 
 PRESETS = {
@@ -137,7 +147,7 @@ PRESETS = {
                   max_iters=20, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, eval_interval=10, eval_iters=2,
                   log_interval=1),
 }
-COMMANDS = ("train", "plan", "sample", "ppl", "report")
+COMMANDS = ("train", "plan", "sample", "ppl", "report", "bench")
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
 
@@ -197,11 +207,12 @@ def validate(config, world_size=1):
     """Cross-field checks that name the key and what to do. Returns the gradient accumulation steps."""
     c = config
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "micro_batch_size",
-                "eval_interval", "eval_iters", "log_interval", "length_step", "max_new_tokens"):
+                "eval_interval", "eval_iters", "log_interval", "length_step", "max_new_tokens", "bench_steps",
+                "bench_repeats"):
         if getattr(c, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(c, key)}")
     for key in ("max_iters", "warmup_iters", "gradient_accumulation_steps", "stop_step", "num_samples",
-                "weight_decay", "grad_clip", "temperature", "top_k"):
+                "weight_decay", "grad_clip", "temperature", "top_k", "bench_runs"):
         if not getattr(c, key) >= 0:
             raise ValueError(f"--{key} must be >= 0, got {getattr(c, key)}")
     if c.n_embd % c.n_head:
@@ -266,7 +277,19 @@ class GPTConfig:
     bias: bool = True
 
 
+def plain_attention(q, k, v, mask, scale, dropout_p=0.0):
+    """softmax(q k^T x scale + mask) v, written out: what scaled_dot_product_attention fuses into one kernel (which
+    never materializes the (T, S) score matrix). Kept as the benchmark's "plain" variant and as its reference."""
+    att = (q @ k.transpose(-2, -1)) * scale
+    if mask is not None:
+        att = att + mask
+    att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), p=dropout_p)
+    return att @ v
+
+
 class CausalSelfAttention(nn.Module):
+    use_sdpa = True  # False: plain_attention instead (bench's "plain" variant); the results are the same
+
     def __init__(self, config):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
@@ -285,7 +308,14 @@ class CausalSelfAttention(nn.Module):
             kv[:] = [k, v]
         # flash / memory-efficient kernels where available; is_causal masks future positions for any T (a single
         # new query against a cache attends to every cached position: no mask)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        else:  # query t (of the last T) sees keys 0 .. S - T + t
+            S = k.size(2)
+            future = torch.ones(T, S, dtype=torch.bool, device=x.device).triu(S - T + 1)
+            mask = torch.zeros(T, S, dtype=q.dtype, device=x.device).masked_fill(future, -math.inf)
+            y = plain_attention(q, k, v, mask, 1 / math.sqrt(k.size(-1)), dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -421,7 +451,7 @@ class GPT(nn.Module):
             model.transformer.wpe.weight = nn.Parameter(model.transformer.wpe.weight[:block_size].clone())
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, decay_wpe=True):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, decay_wpe=True, fused=True):
         """AdamW; decay on the 2-D weights (matmuls, embeddings), none on biases and LayerNorm (seed).
 
         Position rows during a short stage: rows stage_len..block_size-1 get exactly zero gradient, so Adam moves
@@ -433,9 +463,11 @@ class GPT(nn.Module):
         decayed = {n for n, p in params if p.dim() >= 2 and (decay_wpe or n != "transformer.wpe.weight")}
         decay, no_decay = [p for n, p in params if n in decayed], [p for n, p in params if n not in decayed]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused: one kernel over all parameters instead of ~6 small ops per tensor (CUDA; CPU since torch 2.4, where
-        # on 2 busy cores it cut the optimizer step of the cpu preset from ~0.8 s to ~0.1-0.4 s)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        # fused: one kernel over all parameters instead of several small ops per tensor (CUDA; CPU since torch 2.4).
+        # fused=False is the plain per-tensor loop (foreach=False), the benchmark's baseline.
+        fused = fused and device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None,
+                                 foreach=None if fused else False)
 
     def estimate_mfu(self, sequences, context, dt, peak_flops):
         """Model FLOPs utilization of one step of `sequences` x `context` tokens that took dt seconds.
@@ -752,18 +784,19 @@ def count_samples(path, block_size, expected_tokens=None):
     return samples
 
 
-def get_batch(path, indices, context, block_size, vocab_size, device):
+def get_batch(path, indices, context, block_size, vocab_size, device, rows=1):
     """Rows of the given samples cut to `context` (+1 target) tokens: the short stage reads the first
-    stage_len + 1 tokens of each sample. Returns int64 inputs x and targets y (B, context)."""
+    stage_len + 1 tokens of each sample. Returns int64 inputs x and targets y (B x rows, context / rows): with
+    stage_mode reshape each sample of context = block_size tokens becomes `rows` short rows."""
     data = np.memmap(path, dtype=np.uint16, mode="r")  # opened per batch so its pages do not pile up in our RSS
-    rows = np.stack([data[i * block_size:i * block_size + context + 1] for i in indices]).astype(np.int64)
-    if rows.max() >= vocab_size:  # here, not as a device-side assert deep inside the embedding
-        raise ValueError(f"{path}: token id {rows.max()} >= --vocab_size {vocab_size} (in samples "
+    samples = np.stack([data[i * block_size:i * block_size + context + 1] for i in indices]).astype(np.int64)
+    if samples.max() >= vocab_size:  # here, not as a device-side assert deep inside the embedding
+        raise ValueError(f"{path}: token id {samples.max()} >= --vocab_size {vocab_size} (in samples "
                          f"{indices[:4].tolist()}...): the bins were made with another tokenizer; re-run data_owt.py")
-    xy = torch.from_numpy(rows)
+    xy = torch.from_numpy(samples)
     if device.type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work
         xy = xy.pin_memory().to(device, non_blocking=True)
-    return xy[:, :-1], xy[:, 1:]
+    return xy[:, :-1].reshape(-1, context // rows), xy[:, 1:].reshape(-1, context // rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -885,6 +918,33 @@ def pick_dtype(config, device):
     return getattr(torch, config.dtype)
 
 
+def forward_backward(model, micro_batches, accum, autocast, scaler, world_size=1):
+    """The gradient-accumulation half of a step: forward and backward of each (x, y) micro-batch, its loss divided
+    by accum so that the summed gradients are those of the whole batch. Under DDP the gradients are all-reduced
+    only on the last micro-step. Returns the step's mean loss as a tensor (reading it waits for the device)."""
+    loss_sum = 0.0
+    for micro_step, (x, y) in enumerate(micro_batches):
+        if world_size > 1:
+            model.require_backward_grad_sync = micro_step == accum - 1
+        with autocast:
+            _, loss = model(x, y)
+            loss = loss / accum
+        loss_sum = loss_sum + loss.detach()
+        scaler.scale(loss).backward()
+    return loss_sum
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """The other half: clip the global gradient norm, update, clear the gradients. Its cost does not shrink with
+    the context, so it is what keeps a 128-token step from costing 1/8 of a 1024-token one."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # in fp16 the scaler skips a step whose gradients overflowed, then lowers its scale
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adding
+
+
 def train(config):
     """One run: plan, model, the AMP + gradient-accumulation loop, evaluation, checkpoints, results row."""
     rank, world_size, device = setup_device(config)
@@ -949,8 +1009,11 @@ def train(config):
             raise ValueError(f"{out_dir / 'ckpt.pt'} is at step {step}: the run's {total_steps} steps are done")
         log(f"resumed from {out_dir / 'ckpt.pt'} at step {step:,} ({human(tokens_seen)} tokens seen)")
     raw_model = model
-    if config.compile:  # the stage switch changes the sequence length: one recompile, with dynamic shapes
-        model = torch.compile(model)
+    if config.compile:
+        # Static shapes give the best kernels: with two contexts (128, then 1024) that is one recompile, at the
+        # stage switch. A linear length warmup visits many contexts: there the length is dynamic from the start
+        # (dynamo would otherwise recompile for each new length up to its cache limit, then fall back to eager).
+        model = torch.compile(model, dynamic=len({stage.context for stage in plan.stages}) > 2)
     eval_model = model
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -987,18 +1050,10 @@ def train(config):
             group["lr"] = lr
         t0 = time.time()
         indices = batch_indices(plan.sample_step(step), config.seed, num_samples, config.batch_size, world_size, rank)
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(accum):
-            micro_batch = indices[micro_step * config.micro_batch_size:(micro_step + 1) * config.micro_batch_size]
-            x, y = get_batch(train_path, micro_batch, context * rows, config.block_size, config.vocab_size, device)
-            x, y = x.reshape(-1, context), y.reshape(-1, context)  # reshape: each sample -> `rows` short rows
-            if world_size > 1:  # all-reduce the gradients only on the last micro-step
-                model.require_backward_grad_sync = micro_step == accum - 1
-            with autocast:
-                _, loss = model(x, y)
-                loss = loss / accum  # the step's loss is the mean over all its micro-batches
-            loss_sum += loss.detach()
-            scaler.scale(loss).backward()
+        micro_batches = (get_batch(train_path, indices[i:i + config.micro_batch_size], context * rows,
+                                   config.block_size, config.vocab_size, device, rows)
+                         for i in range(0, len(indices), config.micro_batch_size))
+        loss_sum = forward_backward(model, micro_batches, accum, autocast, scaler, world_size)
         if world_size > 1:  # the logged loss is the mean over all ranks (gloo has no AVG: SUM, then divide)
             dist.all_reduce(loss_sum)
             loss_sum /= world_size
@@ -1007,12 +1062,7 @@ def train(config):
             raise FloatingPointError(f"loss is {lossf} in step {step + 1:,} (ctx {context}, lr {lr:.2e}): stopped "
                                      f"before updating; the last good checkpoint {out_dir / 'ckpt.pt'} is kept. "
                                      f"Resume it with a lower --learning_rate or another --dtype")
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)  # in fp16 the scaler skips a step whose gradients overflowed, then lowers its scale
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, config.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -1298,6 +1348,208 @@ def write_text_atomic(path, text):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Benchmark: what a step costs at each context, what the staged run saves, what SDPA and fused AdamW buy
+
+DECODE_BATCH, DECODE_PROMPT, DECODE_TOKENS = 8, 16, 64
+
+
+def rss_mib():
+    """Resident set size of this process (Linux /proc; nan elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+class PeakMemory:
+    """Peak memory (MiB) inside a `with` block: the CUDA allocator's counter on a GPU; on a CPU the process's
+    resident set size sampled every 5 ms by a thread (the kernel's ru_maxrss cannot be reset between blocks)."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.running = device, 0.0, False
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak, self.running = rss_mib(), True
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_mib())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, rss_mib())
+
+
+def time_step(model, optimizer, scaler, micro_batch, accum, autocast, config, device):
+    """Seconds of one training step on a fixed micro-batch: (forward + backward of accum micro-batches, update)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    forward_backward(model, [micro_batch] * accum, accum, autocast, scaler)
+    sync()
+    t1 = time.perf_counter()
+    optimizer_step(model, optimizer, scaler, config.grad_clip)
+    sync()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def bench_steps(config, model, device, autocast, scaler, accum):
+    """Median step time per (variant, context), same sequences per step, the variants and contexts interleaved in
+    every round (round 0 warms up and is not counted): a shared machine's drift hits them all alike."""
+    contexts = sorted({config.stage_len, config.block_size})
+    betas = (config.beta1, config.beta2)
+    variants = {"sdpa + fused AdamW": (True, model.configure_optimizers(
+        config.weight_decay, config.learning_rate, betas, device.type, config.decay_wpe, fused=True))}
+    if config.bench_plain and not config.compile:  # the gain of SDPA and fused AdamW over the plain versions
+        variants["plain attention + for-loop AdamW"] = (False, model.configure_optimizers(
+            config.weight_decay, config.learning_rate, betas, device.type, config.decay_wpe, fused=False))
+    step_model = torch.compile(model, dynamic=False) if config.compile else model
+    batches = {ctx: tuple(torch.randint(config.vocab_size, (config.micro_batch_size, ctx), device=device)
+                          for _ in "xy") for ctx in contexts}
+    times, peaks, started = {}, {}, time.time()
+    for rnd in range(config.bench_repeats + 1):
+        for name, (sdpa, optimizer) in variants.items():
+            CausalSelfAttention.use_sdpa = sdpa
+            for ctx in contexts:
+                with PeakMemory(device) as memory:
+                    for _ in range(config.bench_steps):
+                        t = time_step(step_model, optimizer, scaler, batches[ctx], accum, autocast, config, device)
+                        if rnd:
+                            times.setdefault((name, ctx), []).append(t)
+                peaks[(name, ctx)] = max(peaks.get((name, ctx), 0.0), memory.peak)
+        print(f"bench: round {rnd}/{config.bench_repeats} done ({'warm-up, ' if not rnd else ''}"
+              f"{time.time() - started:,.0f} s)", flush=True)
+    CausalSelfAttention.use_sdpa = True
+    rows = []
+    for (name, ctx), ts in times.items():
+        fwd_bwd, update = (float(np.median([t[i] for t in ts])) for i in (0, 1))
+        step = float(np.median([sum(t) for t in ts]))
+        flops = model.estimate_mfu(config.batch_size, ctx, step, 1.0)  # with peak 1: model FLOP/s
+        rows.append(dict(variant=name, context=ctx, sequences=config.batch_size, step_ms=step * 1e3,
+                         fwd_bwd_ms=fwd_bwd * 1e3, update_ms=update * 1e3, tokens_per_s=config.batch_size * ctx / step,
+                         model_tflops=flops / 1e12, mfu=flops / config.peak_flops if device.type == "cuda" else None,
+                         peak_mib=peaks[(name, ctx)], samples=len(ts)))
+    return rows
+
+
+def bench_runs(config, steps):
+    """Wall-clock of real runs (the train() loop, data reads included) of `steps` steps on random tokens: the
+    baseline and the staged plan (stage_frac, 0.25 if unset), alternated bench_repeats times. Returns seconds."""
+    frac = config.stage_frac or 0.25
+    seconds = {"baseline": [], f"staged {frac:.0%} x {config.stage_len}": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(config.seed)
+        sizes = {"train": steps * config.batch_size * config.block_size + 1,
+                 "val": config.micro_batch_size * config.block_size + 1}
+        for split, n in sizes.items():
+            rng.integers(0, config.vocab_size, n, dtype=np.uint16).tofile(Path(tmp) / f"{split}.bin")
+        (Path(tmp) / "meta.json").write_text(json.dumps({"vocab_size": config.vocab_size,
+                                                         **{f"{k}_tokens": n for k, n in sizes.items()}}))
+        for rnd in range(config.bench_repeats):
+            for name, stage_frac in zip(seconds, (0.0, frac)):
+                run = dataclasses.replace(config, data_dir=tmp, out_dir=f"{tmp}/{name}{rnd}", stage_frac=stage_frac,
+                                          max_iters=steps, warmup_iters=min(config.warmup_iters, steps - 1),
+                                          eval_iters=1, eval_interval=steps, log_interval=steps, stages="",
+                                          match_tokens=False, length_warmup=False, stop_step=0, extra_val="",
+                                          resume=False)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    seconds[name].append(train(run)["train_time_s"])
+            print(f"bench: runs round {rnd + 1}/{config.bench_repeats}: " + ", ".join(
+                f"{name} {s[-1]:.1f} s" for name, s in seconds.items()), flush=True)
+    return seconds
+
+
+def bench_decode(config, model, device):
+    """ms per new token of greedy decoding, batch 8, 64 new tokens after a 16-token prompt: with the KV cache vs
+    recomputing the whole prefix for every token; alternated, medians."""
+    model.eval()
+    prompt = torch.randint(config.vocab_size, (DECODE_BATCH, DECODE_PROMPT), device=device)
+    times = {True: [], False: []}
+    for rnd in range(config.bench_repeats + 1):
+        for use_cache in times:
+            t0 = time.perf_counter()
+            model.generate(prompt, DECODE_TOKENS, use_cache=use_cache)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rnd:
+                times[use_cache].append((time.perf_counter() - t0) / DECODE_TOKENS * 1e3)
+    model.train()
+    cached, recomputed = (float(np.median(times[c])) for c in (True, False))
+    return dict(batch=DECODE_BATCH, prompt=DECODE_PROMPT, new_tokens=DECODE_TOKENS, cache_ms_per_token=cached,
+                recompute_ms_per_token=recomputed, speedup=recomputed / cached)
+
+
+def bench(config):
+    """Print the benchmark tables and write out_dir/bench_gpt.json (see README, Performance)."""
+    _, _, device = setup_device(config)
+    accum = validate(config)
+    dtype = pick_dtype(config, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig(**{k: getattr(config, k) for k in MODEL_KEYS}, dropout=config.dropout)).to(device)
+    load = os.getloadavg()
+    print(f"bench: GPT {model.num_params() / 1e6:.2f}M, {config.batch_size} sequences per step "
+          f"({config.micro_batch_size} x {accum}), device {device}, dtype {str(dtype).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} threads, load average {load[0]:.2f}", flush=True)
+    result = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "loadavg_start": load, "config": asdict(config),
+              "steps": bench_steps(config, model, device, autocast, scaler, accum)}
+    rows = {(r["variant"], r["context"]): r for r in result["steps"]}
+    print("\n| variant | context | step ms | fwd+bwd ms | update ms | tokens/s | model TFLOP/s | MFU | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in result["steps"]:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"| {r['variant']} | {r['context']} | {r['step_ms']:,.1f} | {r['fwd_bwd_ms']:,.1f} | "
+              f"{r['update_ms']:,.1f} | {r['tokens_per_s']:,.0f} | {r['model_tflops']:.3g} | {mfu} | "
+              f"{r['peak_mib']:,.0f} |")
+    short, full, frac = config.stage_len, config.block_size, config.stage_frac or 0.25
+    result["ratios"] = {}
+    for name in dict.fromkeys(r["variant"] for r in result["steps"]):
+        a, b = rows[(name, short)], rows[(name, full)]
+        ratio = a["step_ms"] / b["step_ms"]
+        result["ratios"][name] = dict(step_time_ratio=ratio, fwd_bwd_ratio=a["fwd_bwd_ms"] / b["fwd_bwd_ms"],
+                                      ideal=short / full, projected_staged_saving=frac * (1 - ratio))
+        print(f"{name}: step at {short} / step at {full} = {ratio:.3f} (ideal {short / full:.3f}; fwd+bwd alone "
+              f"{a['fwd_bwd_ms'] / b['fwd_bwd_ms']:.3f}) -> a run with {frac:.0%} of its steps at {short} saves "
+              f"{frac * (1 - ratio):.1%} of the wall-clock (ideal {frac * (1 - short / full):.1%})")
+    plain = "plain attention + for-loop AdamW"
+    if (plain, full) in rows:
+        for ctx in sorted({short, full}):
+            fast, slow = rows[("sdpa + fused AdamW", ctx)], rows[(plain, ctx)]
+            print(f"context {ctx}: sdpa + fused AdamW is {slow['step_ms'] / fast['step_ms']:.2f}x as fast as "
+                  f"the plain version (update {slow['update_ms'] / fast['update_ms']:.2f}x)")
+    if config.bench_runs:
+        seconds = bench_runs(config, config.bench_runs)
+        (base, base_s), (staged, staged_s) = seconds.items()
+        saving = 1 - np.median(staged_s) / np.median(base_s)
+        result["runs"] = dict(steps=config.bench_runs, seconds=seconds, measured_saving=saving)
+        print(f"real runs of {config.bench_runs} steps: {base} {np.median(base_s):.1f} s, {staged} "
+              f"{np.median(staged_s):.1f} s (medians of {config.bench_repeats}): {saving:.1%} less wall-clock")
+    if config.bench_decode:
+        result["decode"] = d = bench_decode(config, model, device)
+        print(f"greedy decoding, batch {d['batch']}, {d['new_tokens']} new tokens: {d['cache_ms_per_token']:.2f} "
+              f"ms/token with the KV cache, {d['recompute_ms_per_token']:.2f} recomputing ({d['speedup']:.1f}x)")
+    result["loadavg_end"] = os.getloadavg()
+    out = Path(config.out_dir) / "bench_gpt.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out} (load average at the end {result['loadavg_end'][0]:.2f})")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 
 def main(argv=None):
@@ -1313,6 +1565,8 @@ def main(argv=None):
             perplexity(config)
         elif command == "report":
             report(config)
+        elif command == "bench":
+            bench(config)
         else:
             train(config)
     except (ValueError, FileNotFoundError) as e:  # the user's input: one line, no traceback
