@@ -45,6 +45,7 @@ Choices, checked against the reference code (jshin49/ds2 create_data_mwoz.py, da
 """
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -342,10 +343,15 @@ def belief_state(metadata: dict, where: str) -> dict:
                     raise ValueError(f"{where}: metadata.{domain}.{part}.{key} should be a string, got {value!r}")
                 if value.strip().lower() in ("", "not mentioned"):
                     continue
-                value = "dontcare" if value.strip().lower() in DONTCARE else fix_label(slot, normalize(value))
+                value = "dontcare" if value.strip().lower() in DONTCARE else clean_value(slot, value)
                 if value != "none":
                     state[slot] = value
     return {slot: state[slot] for slot in SLOTS if slot in state}
+
+
+@functools.lru_cache(maxsize=1 << 16)  # every turn repeats the values of the turns before it: normalize each once
+def clean_value(slot: str, value: str) -> str:
+    return fix_label(slot, normalize(value))
 
 
 def goal_domains(goal: dict) -> list:

@@ -22,6 +22,7 @@ carves train out of dev (--train_from_dev).
     python ds2.py --init_from out/no-hotel/best.pt --only_domain hotel --fewshot 0.01 --out_dir out/hotel
     python ds2.py evaluate --init_from out/ds2-cpu/best.pt --data_dir data/mwz21 --split test
     python ds2.py roundtrip --data_dir data/mwz21 --split test                 # the templates' own ceiling
+    python ds2.py bench --preset cpu      # step time, SDPA + fused AdamW vs plain, KV-cache decoding, beams
 
 Warm start (stage 1 on dialogue summaries; data_multiwoz.py --summarization writes a folder whose meta.json says
 "task": "summarization": no states, so evaluation is the loss alone), then stage 2 from its best.pt:
@@ -133,6 +134,7 @@ class Config:
     bench_steps: int = 2            # timed steps per variant in each round
     bench_repeats: int = 3          # rounds, variants interleaved in each; figures are medians
     bench_plain: bool = True        # also time plain attention + for-loop AdamW, to show what SDPA and fusing buy
+    bench_profile: bool = False     # also print torch.profiler's top operators of one step per variant
     bench_src_len: int = 206        # MultiWOZ 2.1 test means, T5 tokens: 206 source (1,520,336 / 7,368 turns) ...
     bench_tgt_len: int = 44         # ... and 44 target (324,126 / 7,368)
 
@@ -1748,6 +1750,13 @@ def bench_steps(config, model, device, autocast, scaler, accum):
             peaks[name] = max(peaks.get(name, 0.0), memory.peak)
         print(f"bench: round {rnd}/{config.bench_repeats} done ({'warm-up, ' if not rnd else ''}"
               f"{time.time() - started:,.0f} s)", flush=True)
+    for name, (sdpa, optimizer) in variants.items() if config.bench_profile else ():  # where the time goes
+        Attention.use_sdpa = sdpa
+        with torch.profiler.profile() as prof:
+            forward_backward(model, [(src, labels, 1 / accum)] * accum, autocast, scaler)
+            optimizer_step(model, optimizer, scaler, config.grad_clip)
+        print(f"\nprofile of one step, {name} (top operators by own time):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     Attention.use_sdpa = True
     tokens = config.batch_size * (config.bench_src_len + config.bench_tgt_len)
     rows = []

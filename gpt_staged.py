@@ -27,6 +27,7 @@ re-read the truncated samples), `--stages 128:0.25,256:0.25`, `--length_warmup` 
     python gpt_staged.py ppl --init_from path/to/gpt2 --bpe_dir ../shared/data/gpt2_bpe --text_file book.txt
     python gpt_staged.py report --preset cpu --data_dir data/gutenberg --extra_val data/wikitext2/val.bin \
         --out_dir out/report      # baseline, 2nd seed, Exp 1, Exp 2 and the variants, then report.md + val_loss.png
+    python gpt_staged.py bench --preset cpu --bench_runs 16   # step time per context, the staged saving, decoding
 
 Every Config field is a flag: `--key=value` or `--key value` (a bare `--flag` means true); `--preset NAME` is
 applied first. Each run writes to out_dir: ckpt.pt (latest checkpoint), log.jsonl (one row per step and per
@@ -134,6 +135,7 @@ class Config:
     bench_plain: bool = True        # also time plain attention + for-loop AdamW, to show what SDPA and fusing buy
     bench_runs: int = 0             # also time real baseline and staged runs (train()) of this many steps; 0 = off
     bench_decode: bool = True       # also time greedy decoding with and without the KV cache
+    bench_profile: bool = False     # also print torch.profiler's top operators of one step per context
 
 
 PRESETS = {
@@ -307,10 +309,11 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
             kv[:] = [k, v]
         # flash / memory-efficient kernels where available; is_causal masks future positions for any T (a single
-        # new query against a cache attends to every cached position: no mask)
+        # new query against a cache attends to every cached position: no mask). `kv is None or` keeps is_causal a
+        # plain bool in training, where torch.compile with a dynamic length would otherwise break the graph here
         dropout_p = self.dropout if self.training else 0.0
         if self.use_sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=kv is None or T > 1)
         else:  # query t (of the last T) sees keys 0 .. S - T + t
             S = k.size(2)
             future = torch.ones(T, S, dtype=torch.bool, device=x.device).triu(S - T + 1)
@@ -388,7 +391,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        # no .float() here: under autocast cross_entropy already runs in float32 (it is on autocast's float32
+        # list), so a cast would only add a second (B x T, vocab) copy
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=0, use_cache=True, vocab_limit=0, generator=None):
@@ -1530,6 +1535,15 @@ def bench(config):
             fast, slow = rows[("sdpa + fused AdamW", ctx)], rows[(plain, ctx)]
             print(f"context {ctx}: sdpa + fused AdamW is {slow['step_ms'] / fast['step_ms']:.2f}x as fast as "
                   f"the plain version (update {slow['update_ms'] / fast['update_ms']:.2f}x)")
+    if config.bench_profile:  # where a step's time goes: what does not shrink with the context shows up here
+        optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                               device.type, config.decay_wpe)
+        for ctx in sorted({short, full}):
+            batch = tuple(torch.randint(config.vocab_size, (config.micro_batch_size, ctx), device=device) for _ in "xy")
+            with torch.profiler.profile() as prof:
+                time_step(model, optimizer, scaler, batch, accum, autocast, config, device)
+            print(f"\nprofile of one step at context {ctx} (top operators by own time):")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     if config.bench_runs:
         seconds = bench_runs(config, config.bench_runs)
         (base, base_s), (staged, staged_s) = seconds.items()

@@ -105,3 +105,40 @@ def test_t5_bench_prints_the_table_and_shares_the_encoder_across_beams(tmp_path,
 def test_bench_settings_are_checked(main, key, capsys):
     assert main(["bench", f"--{key}", "0"]) == 2
     assert f"--{key} must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dynamic, graphs", [(False, 2), (True, 1)])
+def test_gpt_compiles_without_graph_breaks_once_per_context_or_once_dynamic(dynamic, graphs):
+    """train() --compile: static shapes for a two-context plan (one recompile at the stage switch), a dynamic length
+    for --length_warmup. Dynamo alone (backend eager) shows the graphs and breaks in seconds, without a compiler."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = gs.GPT(gs.GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    compiled = torch.compile(model, backend="eager", dynamic=dynamic)
+    for context in (16, 64, 16, 64) if not dynamic else (16, 24, 32, 64):
+        idx = torch.randint(64, (2, context))
+        compiled(idx, idx)[1].backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
+def test_t5_compiles_dynamic_to_one_graph_for_batches_of_any_length():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = ds2.T5(ds2.T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_decoder_layers=1,
+                                num_heads=2, dropout=0.1))
+    compiled = torch.compile(model, backend="eager", dynamic=True)  # as ds2.py --compile
+    for S, T in ((30, 8), (50, 12), (41, 9)):
+        src = torch.randint(2, 64, (3, S))
+        src[0, S // 2:] = ds2.PAD_ID
+        compiled(src, torch.randint(2, 64, (3, T)))[1].backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
