@@ -644,8 +644,8 @@ class T5(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = fused and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused or None,
+        available = fused and device_type in ("cuda", "cpu")  # elsewhere torch's default (foreach where it can)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=available or None,
                                  foreach=None if fused else False)
 
 
@@ -1420,10 +1420,9 @@ def train(config):
         train_model.train()
         # each micro-batch weighted by its share of the step's target tokens: the step's loss is the mean over all
         # its target tokens, however the batch is cut (the seed's "loss / accumulation steps" for equal-sized ones)
+        micros = [batch[i:i + config.micro_batch_size] for i in range(0, len(batch), config.micro_batch_size)]
         micro_batches = ((*get_batch(train_data, micro, config, device),
-                          token_counts(train_data, micro, config)[1] / tgt_tokens)
-                         for micro in (batch[i:i + config.micro_batch_size]
-                                       for i in range(0, len(batch), config.micro_batch_size)))
+                          token_counts(train_data, micro, config)[1] / tgt_tokens) for micro in micros)
         lossf = forward_backward(train_model, micro_batches, autocast, scaler).item()
         if not math.isfinite(lossf):
             raise FloatingPointError(f"loss is {lossf} at step {step:,} (lr {lr:.2e}): stopped before updating; the "

@@ -470,8 +470,8 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # fused: one kernel over all parameters instead of several small ops per tensor (CUDA; CPU since torch 2.4).
         # fused=False is the plain per-tensor loop (foreach=False), the benchmark's baseline.
-        fused = fused and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None,
+        available = fused and device_type in ("cuda", "cpu")  # elsewhere torch's default (foreach where it can)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=available or None,
                                  foreach=None if fused else False)
 
     def estimate_mfu(self, sequences, context, dt, peak_flops):
