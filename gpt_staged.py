@@ -43,6 +43,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -111,10 +112,11 @@ class Config:
     resume: bool = False            # continue from out_dir/ckpt.pt
     stop_step: int = 0              # stop after this step with a checkpoint, continue later with --resume; 0 = off
     # system
-    device: str = "auto"            # 'auto' = cuda if available, else cpu
+    device: str = "auto"            # 'auto' = cuda if available, else cpu; 'cuda' = cuda:0 (under torchrun
+                                    # process r uses cuda:LOCAL_RANK); 'cuda:N' = GPU N of a plain run
     dtype: str = "auto"             # 'auto' = bfloat16 on CUDA where supported, else float16; float32 on CPU
-    compile: bool = False           # torch.compile (GPU): static shapes, one recompile at the stage switch
-    peak_flops: float = 312e12      # MFU denominator per device: A100 bf16 peak; on a CPU MFU is only relative
+    compile: str = "auto"           # torch.compile: 'auto' = on with CUDA, off on CPU; true / false force it
+    peak_flops: float = 0.0         # MFU denominator; 0 = the device's dense bf16/fp16 peak from PEAK_FLOPS
     seed: int = 1337
     num_samples: int = 0            # plan command only: samples in train.bin (0 = count them in data_dir)
     extra_val: str = ""             # a second validation bin (e.g. WikiText-2 test), evaluated beside val.bin
@@ -152,6 +154,12 @@ PRESETS = {
 COMMANDS = ("train", "plan", "sample", "ppl", "report", "bench")
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+AUTO_FLAGS = ("compile",)  # 'auto' or a bool
+# Dense tensor-core bf16 (fp16 where the GPU has no bf16) peak FLOP/s by device name, first match wins: NVIDIA's
+# data sheets, whose headline figures are "with sparsity", twice these. The MFU denominator (--peak_flops overrides).
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
+              ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("RTX 4090", 165e12),
+              ("V100", 125e12), ("T4", 65e12))
 
 
 def parse_value(key, text, kind):
@@ -186,7 +194,7 @@ def parse_args(argv):
         if not has_value and following is not None and not following.startswith("--") \
                 and (types[key] is not bool or following.lower() in BOOL_WORDS):
             value, i = following, i + 1
-        elif not has_value and types[key] is bool:
+        elif not has_value and (types[key] is bool or key in AUTO_FLAGS):
             value = "true"                          # a bare --flag means true
         elif not has_value:
             raise ValueError(f"--{key} needs a value (--{key}=VALUE or --{key} VALUE)")
@@ -248,10 +256,12 @@ def validate(config, world_size=1):
         raise ValueError(f"--dropout, --beta1, --beta2 must be in [0, 1), got {c.dropout}, {c.beta1}, {c.beta2}")
     if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
-    if not (c.device in ("auto", "cpu") or c.device.startswith("cuda")):
+    if not (c.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", c.device)):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
-    if not c.peak_flops > 0:
-        raise ValueError(f"--peak_flops must be positive, got {c.peak_flops}")
+    if not c.peak_flops >= 0:
+        raise ValueError(f"--peak_flops must be >= 0 (0 = look the device up in PEAK_FLOPS), got {c.peak_flops}")
+    if c.compile.lower() not in ("auto", *BOOL_WORDS):
+        raise ValueError(f"--compile must be auto, true or false, got {c.compile!r}")
     per_micro_step = c.micro_batch_size * world_size
     if c.batch_size % per_micro_step:
         raise ValueError(f"--batch_size {c.batch_size} is not divisible by --micro_batch_size {c.micro_batch_size} x "
@@ -428,11 +438,12 @@ class GPT(nn.Module):
         return idx, torch.stack(chosen_from, dim=1)
 
     @classmethod
-    def from_pretrained(cls, path, block_size=0):
+    def from_pretrained(cls, path, block_size=0, dropout=0.0):
         """Load a local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) without
-        transformers; the vocabulary is the checkpoint's own (50257 for GPT-2), positions optionally cropped."""
+        transformers; the vocabulary is the checkpoint's own (50257 for GPT-2), positions optionally cropped.
+        dropout is ours to choose (nanoGPT overrides it too): a resume rebuilds the model with the same value."""
         folder = Path(path)
-        config = read_hf_config(folder)
+        config = dataclasses.replace(read_hf_config(folder), dropout=dropout)
         model = cls(config)
         hf = {k.removeprefix("transformer."): v for k, v in load_hf_tensors(folder).items()
               if not k.endswith((".attn.bias", ".attn.masked_bias"))  # causal-mask buffers of old checkpoints
@@ -494,7 +505,7 @@ def read_hf_config(folder):
         raise ValueError(f"{path}: not a GPT-2 config.json (needs n_positions, vocab_size, n_layer, n_head, n_embd)")
     allowed = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * hf["n_embd"]),
                "layer_norm_epsilon": (1e-5,), "tie_word_embeddings": (True,),
-               "scale_attn_by_inverse_layer_idx": (False,)}
+               "scale_attn_by_inverse_layer_idx": (False,), "scale_attn_weights": (True,)}
     differs = [f"{k}={hf[k]!r}" for k, values in allowed.items() if k in hf and hf[k] not in values]
     if differs:
         raise ValueError(f"{path}: {', '.join(differs)} differs from GPT-2, the architecture this script implements")
@@ -698,8 +709,11 @@ def describe_plan(plan, config):
         lines.append(f"  --max_iters {plan.steps:,}: {plan.steps * b / n:.2f} passes over the samples "
                      f"(each pass a new permutation)")
     first, stages = 0, list(plan.stages)
-    if config.length_warmup:  # one line for the many short stages of a linear warmup
-        warm = [s for s in stages if s.what == "short"]
+    warm = [s for s in stages if s.what == "short"]
+    if config.length_warmup and not warm:
+        lines.append(f"  warmup     : --stage_frac {config.stage_frac} of {plan.steps:,} steps rounds to 0 steps: "
+                     f"no short steps")
+    elif config.length_warmup:  # one line for the many short stages of a linear warmup
         steps, tokens = sum(s.steps for s in warm), sum(plan.tokens(s) for s in warm)
         lines.append(f"  warmup     : steps 1..{steps:,} at ctx {warm[0].context} growing linearly to "
                      f"{warm[-1].context} (multiples of {config.length_step}), {human(tokens)} tokens")
@@ -876,6 +890,32 @@ def read_checkpoint(path):
     return checkpoint
 
 
+def rng_states(device, world_size):
+    """Every process's random state (dropout draws from it), gathered for rank 0 to save: one entry per rank."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda"
+             else torch.empty(0, dtype=torch.uint8)}
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(checkpoint, rank, world_size, device, fresh_seed, log):
+    """Each rank continues its own random stream, so a resumed run draws the dropout masks an uninterrupted one
+    would. With another number of processes no stream can continue (the batches are split differently too):
+    fresh seeds then. Checkpoints from before per-rank states hold rank 0's CPU state only."""
+    states = checkpoint.get("rng") or [{"cpu": checkpoint["rng_cpu"], "cuda": torch.empty(0, dtype=torch.uint8)}]
+    if len(states) != world_size:
+        log(f"resume: the checkpoint holds the random state of {len(states)} process(es), this run has "
+            f"{world_size}: dropout masks continue from fresh seeds")
+        torch.manual_seed(fresh_seed)
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if device.type == "cuda" and states[rank]["cuda"].numel():
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+
+
 def append_jsonl(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -895,24 +935,52 @@ def trim_log(path, last_step):
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop
 
+def choose_device(requested, env, cuda_count):
+    """The device name one process trains on, a pure function of (--device, environment, GPUs visible).
+    torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: process r of a node takes GPU LOCAL_RANK. A plain run takes
+    GPU 0, or the index given. torch.cuda.set_device refuses a bare 'cuda', so the index is always explicit."""
+    name = requested if requested != "auto" else "cuda" if cuda_count else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if not cuda_count:
+        raise ValueError(f"--device {requested}: CUDA is not available here; use --device cpu (or auto)")
+    given = name.partition(":")[2]
+    if "RANK" in env and given:
+        raise ValueError(f"--device {name} under torchrun would put every process on GPU {given}: use --device cuda "
+                         f"(process r takes GPU LOCAL_RANK); choose the GPUs with CUDA_VISIBLE_DEVICES")
+    index = int(env.get("LOCAL_RANK", 0)) if "RANK" in env else int(given or 0)
+    if index >= cuda_count:
+        what = f"LOCAL_RANK {index}" if "RANK" in env else f"--device {name}"
+        raise ValueError(f"{what}: only {cuda_count} GPU(s) visible (cuda:0..cuda:{cuda_count - 1}); "
+                         f"start fewer processes or give another index")
+    return f"cuda:{index}"
+
+
 def setup_device(config):
     """(rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain run is rank 0 of 1."""
-    ddp = "RANK" in os.environ
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {config.device}: CUDA is not available here; use --device cpu (or auto)")
-    device = torch.device(f"cuda:{local_rank}" if name == "cuda" and ddp else name)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device(choose_device(config.device, os.environ, cuda_count))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
-    if ddp:
+    if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
+
+
+def peak_flops(config, device):
+    """The MFU denominator: --peak_flops, else the device's dense peak from PEAK_FLOPS; 0 = unknown (no MFU)."""
+    if config.peak_flops or device.type != "cuda":
+        return config.peak_flops
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0)
+
+
+def use_compile(config, device):
+    """--compile auto: on with CUDA (the kernels pay for the compile time), off on CPU."""
+    return device.type == "cuda" if config.compile == "auto" else BOOL_WORDS[config.compile.lower()]
 
 
 def pick_dtype(config, device):
@@ -927,16 +995,46 @@ def forward_backward(model, micro_batches, accum, autocast, scaler, world_size=1
     """The gradient-accumulation half of a step: forward and backward of each (x, y) micro-batch, its loss divided
     by accum so that the summed gradients are those of the whole batch. Under DDP the gradients are all-reduced
     only on the last micro-step. Returns the step's mean loss as a tensor (reading it waits for the device)."""
+    batches = iter(micro_batches)
+    x, y = next(batches)
     loss_sum = 0.0
-    for micro_step, (x, y) in enumerate(micro_batches):
+    for micro_step in range(accum):
         if world_size > 1:
             model.require_backward_grad_sync = micro_step == accum - 1
         with autocast:
             _, loss = model(x, y)
             loss = loss / accum
+        if micro_step + 1 < accum:  # read the next micro-batch while the GPU runs this forward (as nanoGPT)
+            x, y = next(batches)
         loss_sum = loss_sum + loss.detach()
         scaler.scale(loss).backward()
     return loss_sum
+
+
+def pack_micro_batches(micro_batch_size, accum, context, block_size):
+    """(sequences per micro-batch, micro-steps) of a step at `context`: a short-context micro-batch carries about
+    the tokens of a full one, micro_batch_size x block_size / context sequences, so a 128-token step runs 1/8 of
+    the micro-steps (4 of 16 x 128 sequences) instead of 32 tiny ones that leave a GPU idle. The factor is the
+    largest divisor of accum up to block_size / context, so the micro-batches stay equal and their mean losses
+    average to the batch's: the sequences per optimizer step (the method) and the gradients do not change."""
+    factor = max(d for d in range(1, min(accum, block_size // context) + 1) if accum % d == 0)
+    return micro_batch_size * factor, accum // factor
+
+
+def read_losses(pending, world_size, out_dir):
+    """The losses of the steps since the last read, on the host (the one wait for the device), averaged over the
+    ranks (gloo has no AVG: SUM, then divide), checked: a NaN or inf stops the run before anything is saved."""
+    losses = torch.stack([row["loss"] for row in pending]).float()
+    if world_size > 1:
+        dist.all_reduce(losses)
+        losses /= world_size
+    rows = [{**row, "loss": loss} for row, loss in zip(pending, losses.tolist())]
+    bad = next((row for row in rows if not math.isfinite(row["loss"])), None)
+    if bad:  # every rank sees the same reduced losses, so all stop together
+        raise FloatingPointError(f"loss is {bad['loss']} in step {bad['step']:,} (ctx {bad['ctx']}, lr "
+                                 f"{bad['lr']:.2e}): stopped; the last good checkpoint {out_dir / 'ckpt.pt'} is "
+                                 f"kept. Resume it with a lower --learning_rate or another --dtype")
+    return rows
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
@@ -991,10 +1089,13 @@ def train(config):
 
     checkpoint = load_checkpoint(out_dir / "ckpt.pt", config) if config.resume else None
     if config.init_from != "scratch" and checkpoint is None:
-        model = GPT.from_pretrained(config.init_from, config.block_size)
+        model = GPT.from_pretrained(config.init_from, config.block_size, config.dropout)
     else:
         model = GPT(GPTConfig(**{k: getattr(config, k) for k in MODEL_KEYS}, dropout=config.dropout))
     log(f"model: {model.num_params() / 1e6:.2f}M parameters (without the position table)")
+    # the initial weights come from --seed on every rank (DDP also broadcasts rank 0's); dropout masks must differ
+    # between ranks, or 8 GPUs drop the same units of 8 different batches: seed + rank from here on (as nanoGPT)
+    torch.manual_seed(config.seed + rank)
     step, tokens_seen, train_time, best_val = 0, 0, 0.0, math.inf
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -1007,14 +1108,12 @@ def train(config):
             scaler.load_state_dict(checkpoint["scaler"])
         step, tokens_seen, train_time = checkpoint["step"], checkpoint["tokens_seen"], checkpoint["train_time_s"]
         best_val = checkpoint["best_val_loss"]
-        torch.set_rng_state(checkpoint["rng_cpu"])
-        if device.type == "cuda" and len(checkpoint["rng_cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        restore_rng(checkpoint, rank, world_size, device, config.seed + rank + step, log)
         if step >= total_steps:
             raise ValueError(f"{out_dir / 'ckpt.pt'} is at step {step}: the run's {total_steps} steps are done")
         log(f"resumed from {out_dir / 'ckpt.pt'} at step {step:,} ({human(tokens_seen)} tokens seen)")
     raw_model = model
-    if config.compile:
+    if use_compile(config, device):
         # Static shapes give the best kernels: with two contexts (128, then 1024) that is one recompile, at the
         # stage switch. A linear length warmup visits many contexts: there the length is dynamic from the start
         # (dynamo would otherwise recompile for each new length up to its cache limit, then fall back to eager).
@@ -1043,52 +1142,55 @@ def train(config):
 
     last_eval = evaluate() if checkpoint is None else \
         checkpoint.get("last_eval") or {"val_loss": checkpoint["last_val_loss"]}
-    context = None
+    flops_peak = peak_flops(config, device)
+    context, pending, window_start, per_stage = None, [], time.time(), {}
     while step < total_steps:
-        if plan.context_at(step) != context:  # the stage switch: from here on sequences are this long
-            log(f"stage: context {context} -> {plan.context_at(step)} after {step:,} steps" if context else
-                f"stage: context {plan.context_at(step)}")
         stage = plan.stage_at(step)
+        if stage.context != context:  # the stage switch: from here on sequences are this long
+            log(f"stage: context {context} -> {stage.context} after {step:,} steps" if context else
+                f"stage: context {stage.context}")
         context, rows = stage.context, config.block_size // stage.context if stage.reshape else 1
         lr = get_lr(step, total_steps, config, plan)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.time()
         indices = batch_indices(plan.sample_step(step), config.seed, num_samples, config.batch_size, world_size, rank)
-        micro_batches = (get_batch(train_path, indices[i:i + config.micro_batch_size], context * rows,
-                                   config.block_size, config.vocab_size, device, rows)
-                         for i in range(0, len(indices), config.micro_batch_size))
-        loss_sum = forward_backward(model, micro_batches, accum, autocast, scaler, world_size)
-        if world_size > 1:  # the logged loss is the mean over all ranks (gloo has no AVG: SUM, then divide)
-            dist.all_reduce(loss_sum)
-            loss_sum /= world_size
-        lossf = loss_sum.item()
-        if not math.isfinite(lossf):  # every rank sees the same reduced loss, so all stop together
-            raise FloatingPointError(f"loss is {lossf} in step {step + 1:,} (ctx {context}, lr {lr:.2e}): stopped "
-                                     f"before updating; the last good checkpoint {out_dir / 'ckpt.pt'} is kept. "
-                                     f"Resume it with a lower --learning_rate or another --dtype")
+        sequences, micro_steps = pack_micro_batches(config.micro_batch_size, accum, context * rows, config.block_size)
+        micro_batches = (get_batch(train_path, indices[i:i + sequences], context * rows, config.block_size,
+                                   config.vocab_size, device, rows) for i in range(0, len(indices), sequences))
+        loss = forward_backward(model, micro_batches, micro_steps, autocast, scaler, world_size)
         optimizer_step(model, optimizer, scaler, config.grad_clip)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
         step += 1
         tokens_seen += plan.step_tokens(stage)
-        train_time += dt
-        if master:
-            append_jsonl(out_dir / "log.jsonl", {"step": step, "loss": lossf, "lr": lr, "ctx": context,
-                                                 "tokens": tokens_seen, "dt": dt})
-        if step % config.log_interval == 0 or step in (1, total_steps):
-            mfu = raw_model.estimate_mfu(config.batch_size * rows // world_size, context, dt, config.peak_flops)
-            log(f"step {step:,}/{total_steps:,} | loss {lossf:.4f} | lr {lr:.2e} | ctx {context} | tokens "
-                f"{human(tokens_seen)} | {dt * 1000:.1f} ms | {plan.step_tokens(stage) / dt:,.0f} tok/s | "
-                f"mfu {mfu * 100:.3g}%")
-        if step % config.eval_interval == 0 or step in (total_steps, config.stop_step):
+        pending.append(dict(step=step, loss=loss, lr=lr, ctx=context, tokens=tokens_seen))
+        logging = step % config.log_interval == 0 or step in (1, total_steps)
+        evaluating = step % config.eval_interval == 0 or step in (total_steps, config.stop_step)
+        switching = plan.stage_at(min(step, total_steps - 1)).context != context
+        if logging or evaluating or switching:
+            # the losses are read on the host only here (one wait for the device per window, not per step)
+            window = read_losses(pending, world_size, out_dir)
+            dt = time.time() - window_start
+            train_time += dt
+            window_tokens = sum(plan.step_tokens(plan.stage_at(r["step"] - 1)) for r in pending)
+            seconds, tokens = per_stage.get(context, (0.0, 0))
+            per_stage[context] = (seconds + dt, tokens + window_tokens)
+            if master:
+                for row in window:
+                    append_jsonl(out_dir / "log.jsonl", {**row, "dt": dt / len(window)})
+            if logging:
+                per_gpu = config.batch_size * rows * len(window) // world_size
+                mfu = raw_model.estimate_mfu(per_gpu, context, dt, flops_peak or 1)
+                log(f"step {step:,}/{total_steps:,} | loss {window[-1]['loss']:.4f} | lr {lr:.2e} | ctx {context} | "
+                    f"tokens {human(tokens_seen)} | {dt / len(window) * 1000:.1f} ms/step | "
+                    f"{window_tokens / dt:,.0f} tok/s | mfu " + (f"{mfu * 100:.3g}%" if flops_peak else "n/a"))
+            pending = []
+        if evaluating:
             last_eval = evaluate()
             if not math.isfinite(last_eval["val_loss"]):  # the last update broke the weights: do not save them
                 raise FloatingPointError(f"validation loss is {last_eval['val_loss']} after step {step:,}: the "
                                          f"weights diverged; the last good checkpoint {out_dir / 'ckpt.pt'} is kept. "
                                          f"Resume it with a lower --learning_rate or another --dtype")
             best_val = min(best_val, last_eval["val_loss"])
+            rng = rng_states(device, world_size)  # every rank takes part; rank 0 writes
             if master:
                 save_checkpoint(out_dir / "ckpt.pt", {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -1096,11 +1198,16 @@ def train(config):
                     "step": step,  # also the data position: step s reads batch_indices(s), a function of (seed, s)
                     "tokens_seen": tokens_seen, "train_time_s": train_time,
                     "best_val_loss": best_val, "last_val_loss": last_eval["val_loss"], "last_eval": last_eval,
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
+                    "rng": rng})
         if step == config.stop_step and step < total_steps:
             log(f"stopped at --stop_step {step}; continue with --resume")
             break
+        if logging or evaluating or switching:
+            window_start = time.time()  # evaluation time is not training time
+    for ctx, (seconds, tokens) in per_stage.items():
+        mfu = raw_model.estimate_mfu(tokens // ctx // world_size, ctx, seconds, flops_peak or 1)
+        log(f"throughput at ctx {ctx}: {tokens / seconds:,.0f} tok/s over {human(tokens)} tokens | mfu "
+            + (f"{mfu * 100:.3g}% of {flops_peak / 1e12:g} TFLOP/s" if flops_peak else "n/a (set --peak_flops)"))
 
     name = (f"staged {config.stages}" if config.stages else f"staged {config.stage_frac:.0%} x {config.stage_len}"
             if config.stage_frac else "baseline") + (" linear" if config.length_warmup else "") \
@@ -1124,12 +1231,12 @@ def train(config):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
-@torch.no_grad()
 def ppl_of(loss):
     """exp(loss), but inf instead of an OverflowError when a diverging run's loss passes ~709 nats."""
     return math.exp(loss) if loss < 709 else float("inf")
 
 
+@torch.no_grad()  # no graph: with autograd on, every micro-batch's activations would be kept until the sum is read
 def estimate_loss(model, val_path, num_val, config, autocast, device, rank=0, world_size=1):
     """Mean validation loss per token at full context on a fixed subset: the first eval_iters x micro_batch_size
     samples of val.bin (all of it if shorter), the same every time, so evaluations compare across steps and runs.
@@ -1356,6 +1463,8 @@ def write_text_atomic(path, text):
 # Benchmark: what a step costs at each context, what the staged run saves, what SDPA and fused AdamW buy
 
 DECODE_BATCH, DECODE_PROMPT, DECODE_TOKENS = 8, 16, 64
+SDPA_FUSED, UNPACKED, PLAIN = ("sdpa + fused AdamW", "sdpa + fused AdamW, unpacked short micro-batches",
+                               "plain attention + for-loop AdamW")
 
 
 def rss_mib():
@@ -1412,27 +1521,34 @@ def time_step(model, optimizer, scaler, micro_batch, accum, autocast, config, de
 def bench_steps(config, model, device, autocast, scaler, accum):
     """Median step time per (variant, context), same sequences per step, the variants and contexts interleaved in
     every round (round 0 warms up and is not counted): a shared machine's drift hits them all alike."""
-    contexts = sorted({config.stage_len, config.block_size})
+    short, full = config.stage_len, config.block_size
     betas = (config.beta1, config.beta2)
-    variants = {"sdpa + fused AdamW": (True, model.configure_optimizers(
-        config.weight_decay, config.learning_rate, betas, device.type, config.decay_wpe, fused=True))}
-    if config.bench_plain and not config.compile:  # the gain of SDPA and fused AdamW over the plain versions
-        variants["plain attention + for-loop AdamW"] = (False, model.configure_optimizers(
-            config.weight_decay, config.learning_rate, betas, device.type, config.decay_wpe, fused=False))
-    step_model = torch.compile(model, dynamic=False) if config.compile else model
-    batches = {ctx: tuple(torch.randint(config.vocab_size, (config.micro_batch_size, ctx), device=device)
-                          for _ in "xy") for ctx in contexts}
+    fused = model.configure_optimizers(config.weight_decay, config.learning_rate, betas, device.type,
+                                       config.decay_wpe, fused=True)
+    # (variant, context) -> (sdpa, optimizer, (sequences per micro-batch, micro-steps)): what train() runs, and
+    # at the short context also the micro-batches of micro_batch_size sequences it ran before packing them
+    cases = {(SDPA_FUSED, ctx): (True, fused, pack_micro_batches(config.micro_batch_size, accum, ctx, full))
+             for ctx in sorted({short, full})}
+    if short < full:
+        cases[(UNPACKED, short)] = (True, fused, (config.micro_batch_size, accum))
+    if config.bench_plain and not use_compile(config, device):  # what SDPA and fused AdamW gain over plain ones
+        loop = model.configure_optimizers(config.weight_decay, config.learning_rate, betas, device.type,
+                                          config.decay_wpe, fused=False)
+        cases.update({(PLAIN, ctx): (False, loop, (config.micro_batch_size, accum)) for ctx in sorted({short, full})})
+    step_model = torch.compile(model, dynamic=False) if use_compile(config, device) else model
+    batches = {(n, ctx): tuple(torch.randint(config.vocab_size, (n, ctx), device=device) for _ in "xy")
+               for (_, ctx), (_, _, (n, _)) in cases.items()}
     times, peaks, started = {}, {}, time.time()
     for rnd in range(config.bench_repeats + 1):
-        for name, (sdpa, optimizer) in variants.items():
+        for key, (sdpa, optimizer, (n, micro_steps)) in cases.items():
             CausalSelfAttention.use_sdpa = sdpa
-            for ctx in contexts:
-                with PeakMemory(device) as memory:
-                    for _ in range(config.bench_steps):
-                        t = time_step(step_model, optimizer, scaler, batches[ctx], accum, autocast, config, device)
-                        if rnd:
-                            times.setdefault((name, ctx), []).append(t)
-                peaks[(name, ctx)] = max(peaks.get((name, ctx), 0.0), memory.peak)
+            with PeakMemory(device) as memory:
+                for _ in range(config.bench_steps):
+                    t = time_step(step_model, optimizer, scaler, batches[(n, key[1])], micro_steps, autocast,
+                                  config, device)
+                    if rnd:
+                        times.setdefault(key, []).append(t)
+            peaks[key] = max(peaks.get(key, 0.0), memory.peak)
         print(f"bench: round {rnd}/{config.bench_repeats} done ({'warm-up, ' if not rnd else ''}"
               f"{time.time() - started:,.0f} s)", flush=True)
     CausalSelfAttention.use_sdpa = True
@@ -1441,9 +1557,11 @@ def bench_steps(config, model, device, autocast, scaler, accum):
         fwd_bwd, update = (float(np.median([t[i] for t in ts])) for i in (0, 1))
         step = float(np.median([sum(t) for t in ts]))
         flops = model.estimate_mfu(config.batch_size, ctx, step, 1.0)  # with peak 1: model FLOP/s
-        rows.append(dict(variant=name, context=ctx, sequences=config.batch_size, step_ms=step * 1e3,
-                         fwd_bwd_ms=fwd_bwd * 1e3, update_ms=update * 1e3, tokens_per_s=config.batch_size * ctx / step,
-                         model_tflops=flops / 1e12, mfu=flops / config.peak_flops if device.type == "cuda" else None,
+        n, micro_steps = cases[(name, ctx)][2]
+        rows.append(dict(variant=name, context=ctx, sequences=config.batch_size, micro_batch=n, micro_steps=micro_steps,
+                         step_ms=step * 1e3, fwd_bwd_ms=fwd_bwd * 1e3, update_ms=update * 1e3,
+                         tokens_per_s=config.batch_size * ctx / step, model_tflops=flops / 1e12,
+                         mfu=flops / peak if (peak := peak_flops(config, device)) else None,
                          peak_mib=peaks[(name, ctx)], samples=len(ts)))
     return rows
 
@@ -1512,16 +1630,17 @@ def bench(config):
               "threads": torch.get_num_threads(), "loadavg_start": load, "config": asdict(config),
               "steps": bench_steps(config, model, device, autocast, scaler, accum)}
     rows = {(r["variant"], r["context"]): r for r in result["steps"]}
-    print("\n| variant | context | step ms | fwd+bwd ms | update ms | tokens/s | model TFLOP/s | MFU | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| variant | context | micro-batch x steps | step ms | fwd+bwd ms | update ms | tokens/s | model TFLOP/s "
+          "| MFU | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["steps"]:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"| {r['variant']} | {r['context']} | {r['step_ms']:,.1f} | {r['fwd_bwd_ms']:,.1f} | "
-              f"{r['update_ms']:,.1f} | {r['tokens_per_s']:,.0f} | {r['model_tflops']:.3g} | {mfu} | "
-              f"{r['peak_mib']:,.0f} |")
+        print(f"| {r['variant']} | {r['context']} | {r['micro_batch']} x {r['micro_steps']} | {r['step_ms']:,.1f} | "
+              f"{r['fwd_bwd_ms']:,.1f} | {r['update_ms']:,.1f} | {r['tokens_per_s']:,.0f} | {r['model_tflops']:.3g} "
+              f"| {mfu} | {r['peak_mib']:,.0f} |")
     short, full, frac = config.stage_len, config.block_size, config.stage_frac or 0.25
     result["ratios"] = {}
-    for name in dict.fromkeys(r["variant"] for r in result["steps"]):
+    for name in dict.fromkeys(r["variant"] for r in result["steps"] if (r["variant"], full) in rows):
         a, b = rows[(name, short)], rows[(name, full)]
         ratio = a["step_ms"] / b["step_ms"]
         result["ratios"][name] = dict(step_time_ratio=ratio, fwd_bwd_ratio=a["fwd_bwd_ms"] / b["fwd_bwd_ms"],
@@ -1529,10 +1648,16 @@ def bench(config):
         print(f"{name}: step at {short} / step at {full} = {ratio:.3f} (ideal {short / full:.3f}; fwd+bwd alone "
               f"{a['fwd_bwd_ms'] / b['fwd_bwd_ms']:.3f}) -> a run with {frac:.0%} of its steps at {short} saves "
               f"{frac * (1 - ratio):.1%} of the wall-clock (ideal {frac * (1 - short / full):.1%})")
-    plain = "plain attention + for-loop AdamW"
-    if (plain, full) in rows:
+    if (UNPACKED, short) in rows:  # the same sequences per step, in fewer, larger micro-batches
+        packed, unpacked = rows[(SDPA_FUSED, short)], rows[(UNPACKED, short)]
+        result["packing"] = dict(context=short, packed_ms=packed["step_ms"], unpacked_ms=unpacked["step_ms"],
+                                 speedup=unpacked["step_ms"] / packed["step_ms"])
+        print(f"short stage (context {short}): {packed['micro_batch']} x {packed['micro_steps']} micro-steps take "
+              f"{packed['step_ms']:,.1f} ms a step, {unpacked['micro_batch']} x {unpacked['micro_steps']} take "
+              f"{unpacked['step_ms']:,.1f} ms: packed is {result['packing']['speedup']:.2f}x as fast")
+    if (PLAIN, full) in rows:
         for ctx in sorted({short, full}):
-            fast, slow = rows[("sdpa + fused AdamW", ctx)], rows[(plain, ctx)]
+            fast, slow = rows[(SDPA_FUSED, ctx)], rows[(PLAIN, ctx)]
             print(f"context {ctx}: sdpa + fused AdamW is {slow['step_ms'] / fast['step_ms']:.2f}x as fast as "
                   f"the plain version (update {slow['update_ms'] / fast['update_ms']:.2f}x)")
     if config.bench_profile:  # where a step's time goes: what does not shrink with the context shows up here
