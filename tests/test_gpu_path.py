@@ -307,3 +307,58 @@ def test_the_log_shows_tokens_per_second_and_mfu_per_stage(tmp_path, capsys):
     assert [line.split(":")[0] for line in lines] == ["throughput at ctx 16", "throughput at ctx 64"]
     assert all("tok/s" in line and "% of 1 TFLOP/s" in line for line in lines)
     assert "mfu n/a" not in out
+
+
+# ---- ds2.py: the same device conventions, torchrun data parallelism, T5 in float16 -----------------------------
+
+def test_ds2_chooses_devices_as_gpt_staged_does():
+    for requested, env, gpus in [("auto", {}, 1), ("cuda", TORCHRUN, 8), ("cuda:1", {}, 2), ("cpu", TORCHRUN, 8)]:
+        assert ds2.choose_device(requested, env, gpus) == gs.choose_device(requested, env, gpus)
+    with pytest.raises(ValueError, match="under torchrun would put every process on GPU 1"):
+        ds2.choose_device("cuda:1", TORCHRUN, 8)
+
+
+def test_t5_stays_finite_when_float16_activations_overflow():
+    """T5's feed-forward outputs outgrow float16 (max 65,504); the hidden states are clamped as the reference
+    implementations do, so the loss stays finite where it would otherwise be inf or NaN."""
+    torch.manual_seed(0)
+    model = ds2.T5(ds2.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_heads=2, num_layers=1,
+                                num_decoder_layers=1, dropout=0.0))
+    with torch.no_grad():
+        for block in (*model.encoder.blocks, *model.decoder.blocks):
+            block.ff.wo.weight.mul_(1e5)  # weights still inside float16, feed-forward outputs beyond it
+    src, labels = torch.randint(2, 64, (2, 9)), torch.randint(2, 64, (2, 5))
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, loss = model(src, labels)
+        ff = model.encoder.blocks[0].ff(model.encoder.blocks[0].ln_ff(model.shared(src)))
+    assert not ff.isfinite().all()  # the overflow is real
+    assert loss.isfinite()  # without fp16_finite: NaN
+
+
+DS2_DDP = ["--preset", "smoke", "--max_iters", "5", "--eval_interval", "3", "--micro_batch_size", "2",
+           "--dropout", "0"]
+
+
+@pytest.mark.slow
+def test_ds2_two_gloo_processes_train_like_one(tmp_path):
+    from test_ds2 import write_data_dir
+    from conftest import require_shared
+    data = tmp_path / "data"
+    # 27 training turns: 4 steps of 8 and a last one of 3 per epoch (rank 1 gets 2 of them, rank 0 one)
+    write_data_dir(data, require_shared("t5/spiece.model"), sizes=(("train", 27), ("dev", 14), ("test", 14)))
+    assert ds2.main([*DS2_DDP, "--data_dir", str(data), "--out_dir", str(tmp_path / "one")]) == 0
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "ds2.py", *DS2_DDP, "--data_dir", str(data), "--out_dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = (read_rows(tmp_path / d / "log.jsonl") for d in ("one", "two"))
+    assert [r["step"] for r in two] == [r["step"] for r in one]  # each row once: only rank 0 writes
+    for a, b in zip(one, two):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
+    metrics = [json.loads((tmp_path / d / "test_metrics.json").read_text()) for d in ("one", "two")]
+    assert {k: v for k, v in metrics[0].items() if isinstance(v, float) and "time" not in k and "_s" not in k} == \
+        pytest.approx({k: v for k, v in metrics[1].items() if isinstance(v, float) and "time" not in k
+                       and "_s" not in k}, abs=1e-6)
+    assert run.stdout.count("step 1/5 |") == 1
