@@ -105,7 +105,9 @@ class Config:
     grad_clip: float = 1.0          # clip the global gradient norm; 0 = off
     # evaluation, logging, checkpoints
     eval_interval: int = 1000       # evaluate and checkpoint every this many steps (and at the end)
-    eval_iters: int = 100           # micro-batches in the fixed validation subset
+    eval_samples: int = 1600        # validation samples each evaluation scores, spread evenly over val.bin and
+                                    # the same for any micro-batch size or process count (nanoGPT: 100 x 16)
+    final_eval: str = "subset"      # 'subset' or 'full': the last evaluation scores every sample of val.bin
     log_interval: int = 10
     out_dir: str = "out"
     run_name: str = ""              # '' = derived from the stage settings
@@ -144,11 +146,11 @@ PRESETS = {
     # About 5 minutes on 2 busy cores over GPT-2 tokens of Gutenberg books; 256 and 32 keep the seed's 8:1. The
     # GPT-2 vocabulary head (50304 x 128) dominates: ~4.5 s per 256-token step, 0.3-2 s per 32-token step.
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, stage_len=32, batch_size=8, micro_batch_size=8,
-                max_iters=80, learning_rate=2e-3, min_lr=2e-4, warmup_iters=8, eval_interval=40, eval_iters=4,
+                max_iters=80, learning_rate=2e-3, min_lr=2e-4, warmup_iters=8, eval_interval=40, eval_samples=32,
                 log_interval=5),
     # Seconds, for tests and for checking that a data folder works end to end.
     "smoke": dict(n_layer=2, n_head=2, n_embd=32, block_size=64, stage_len=16, batch_size=8, micro_batch_size=4,
-                  max_iters=20, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, eval_interval=10, eval_iters=2,
+                  max_iters=20, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, eval_interval=10, eval_samples=8,
                   log_interval=1),
 }
 COMMANDS = ("train", "plan", "sample", "ppl", "report", "bench")
@@ -217,7 +219,7 @@ def validate(config, world_size=1):
     """Cross-field checks that name the key and what to do. Returns the gradient accumulation steps."""
     c = config
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "micro_batch_size",
-                "eval_interval", "eval_iters", "log_interval", "length_step", "max_new_tokens", "bench_steps",
+                "eval_interval", "eval_samples", "log_interval", "length_step", "max_new_tokens", "bench_steps",
                 "bench_repeats"):
         if getattr(c, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(c, key)}")
@@ -233,7 +235,8 @@ def validate(config, world_size=1):
                          f"got {c.stage_frac}")
     if not 0 < c.stage_len <= c.block_size:
         raise ValueError(f"--stage_len must be in 1..block_size ({c.block_size}), got {c.stage_len}")
-    for key, allowed in (("stage_mode", ("truncate", "reshape")), ("lr_decay_by", ("steps", "tokens"))):
+    for key, allowed in (("stage_mode", ("truncate", "reshape")), ("lr_decay_by", ("steps", "tokens")),
+                         ("final_eval", ("subset", "full"))):
         if getattr(c, key) not in allowed:
             raise ValueError(f"--{key} must be {' or '.join(allowed)}, got {getattr(c, key)!r}")
     short = parse_stages(c.stages, c.block_size) or ([(c.stage_len, c.stage_frac)] if c.stage_frac else [])
@@ -1129,12 +1132,16 @@ def train(config):
             trim_log(out_dir / "log.jsonl", step)
 
     def evaluate():
-        val = estimate_loss(eval_model, val_path, num_val, config, autocast, device, rank, world_size)
-        row = {"step": step, "val_loss": val, "tokens": tokens_seen}
+        full = config.final_eval == "full" and step == total_steps
+        samples = eval_subset(num_val, 0 if full else config.eval_samples)
+        val = estimate_loss(eval_model, val_path, samples, config, autocast, device, rank, world_size)
+        row = {"step": step, "val_loss": val, "tokens": tokens_seen, "val_samples": len(samples)}
         if extra_path:  # a second validation set, e.g. WikiText-2 test
-            row["extra_val_loss"] = estimate_loss(eval_model, extra_path, num_extra, config, autocast, device, rank,
+            extra = eval_subset(num_extra, 0 if full else config.eval_samples)
+            row["extra_val_loss"] = estimate_loss(eval_model, extra_path, extra, config, autocast, device, rank,
                                                   world_size)
-        log(f"step {step:,}: val loss {val:.4f} | val ppl {ppl_of(val):.2f} | tokens {human(tokens_seen)}"
+        log(f"step {step:,}: val loss {val:.4f} | val ppl {ppl_of(val):.2f} on {len(samples):,} of {num_val:,} "
+            f"val samples | tokens {human(tokens_seen)}"
             + (f" | {extra_path.parent.name} ppl {ppl_of(row['extra_val_loss']):.2f}" if extra_path else ""))
         if master:
             append_jsonl(out_dir / "log.jsonl", row)
@@ -1217,7 +1224,8 @@ def train(config):
               "stage_frac": config.stage_frac,
               "stage_len": config.stage_len, "match_tokens": config.match_tokens, "steps": step,
               "total_steps": total_steps, "tokens_seen": tokens_seen, "val_loss": last_eval["val_loss"],
-              "val_ppl": ppl_of(last_eval["val_loss"]), "train_time_s": train_time,
+              "val_ppl": ppl_of(last_eval["val_loss"]), "val_samples": last_eval.get("val_samples"),
+              "train_time_s": train_time,
               **({"extra_val_ppl": ppl_of(last_eval["extra_val_loss"])} if "extra_val_loss" in last_eval else {}),
               "tokens_per_s": tokens_seen / train_time if train_time else 0.0, "config": asdict(config)}
     if master and step == total_steps:
@@ -1236,13 +1244,20 @@ def ppl_of(loss):
     return math.exp(loss) if loss < 709 else float("inf")
 
 
+def eval_subset(num_val, eval_samples):
+    """The validation samples an evaluation scores: eval_samples of them (0 or more than there are: all) spread
+    evenly over val.bin, so the set covers the whole file, not its first documents, and is the same whatever the
+    micro-batch size, the number of processes or the GPU."""
+    n = min(eval_samples or num_val, num_val)
+    return np.arange(n, dtype=np.int64) * num_val // n
+
+
 @torch.no_grad()  # no graph: with autograd on, every micro-batch's activations would be kept until the sum is read
-def estimate_loss(model, val_path, num_val, config, autocast, device, rank=0, world_size=1):
-    """Mean validation loss per token at full context on a fixed subset: the first eval_iters x micro_batch_size
-    samples of val.bin (all of it if shorter), the same every time, so evaluations compare across steps and runs.
-    Under DDP the ranks split the subset's micro-batches and sum; the result does not depend on the rank count."""
-    n = min(config.eval_iters * config.micro_batch_size, num_val)
-    chunks = [np.arange(i, min(i + config.micro_batch_size, n)) for i in range(0, n, config.micro_batch_size)]
+def estimate_loss(model, val_path, samples, config, autocast, device, rank=0, world_size=1):
+    """Mean validation loss per token at full context over the given samples (eval_subset), in micro-batches of
+    micro_batch_size (a memory knob only). Under DDP the ranks split the micro-batches and sum; the result does
+    not depend on the rank count."""
+    chunks = [samples[i:i + config.micro_batch_size] for i in range(0, len(samples), config.micro_batch_size)]
     total = torch.zeros(2, device=device)  # sum of token losses, number of tokens
     model.eval()
     for chunk in chunks[rank::world_size]:
@@ -1583,7 +1598,7 @@ def bench_runs(config, steps):
             for name, stage_frac in zip(seconds, (0.0, frac)):
                 run = dataclasses.replace(config, data_dir=tmp, out_dir=f"{tmp}/{name}{rnd}", stage_frac=stage_frac,
                                           max_iters=steps, warmup_iters=min(config.warmup_iters, steps - 1),
-                                          eval_iters=1, eval_interval=steps, log_interval=steps, stages="",
+                                          eval_samples=config.micro_batch_size, eval_interval=steps, log_interval=steps, stages="",
                                           match_tokens=False, length_warmup=False, stop_step=0, extra_val="",
                                           resume=False)
                 with contextlib.redirect_stdout(io.StringIO()):

@@ -130,10 +130,12 @@ def test_gradient_accumulation_equals_one_large_batch():
     model(x, y)[1].backward()
     full = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    for micro in range(4):  # 4 micro-batches of 2, each loss divided by 4, as the training loop does
-        (model(x[2 * micro:2 * micro + 2], y[2 * micro:2 * micro + 2])[1] / 4).backward()
+    micro_batches = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]  # 4 micro-batches of 2, through the loop's own
+    loss = gs.forward_backward(model, micro_batches, 4, torch.autocast("cpu", enabled=False),  # accumulation step
+                               torch.amp.GradScaler("cpu", enabled=False))
+    assert float(loss) == pytest.approx(model(x, y)[1].item(), rel=1e-5)  # the step's loss: the batch mean
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, full[name], atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(p.grad, full[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_training_losses_do_not_depend_on_the_micro_batch_size(tmp_path):
@@ -197,7 +199,8 @@ def test_training_starts_from_a_pretrained_folder(tmp_path):
     config = result["config"]
     assert (config["vocab_size"], config["block_size"], config["n_embd"]) == (120, 48, 32)  # the checkpoint's shape
     val = np.fromfile(tmp_path / "data" / "val.bin", dtype=np.uint16).astype(np.int64)
-    samples = torch.from_numpy(np.stack([val[i * 48:i * 48 + 49] for i in range(8)]))  # the fixed eval subset
+    subset = gs.eval_subset((len(val) - 1) // 48, 8)  # the smoke preset's 8 samples, spread over val.bin
+    samples = torch.from_numpy(np.stack([val[i * 48:i * 48 + 49] for i in subset]))
     with torch.no_grad():
         logits = reference(samples[:, :-1]).logits
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), samples[:, 1:].flatten())

@@ -85,9 +85,9 @@ def test_every_forward_of_an_evaluation_runs_with_autograd_off(tmp_path, monkeyp
     config, data = eval_config(tmp_path)
     model = gs.GPT(gs.GPTConfig(**{k: getattr(config, k) for k in gs.MODEL_KEYS}))
     modes = record_grad_mode(monkeypatch, gs.GPT)
-    loss = gs.estimate_loss(model, data / "val.bin", 46, config, torch.autocast("cpu", enabled=False),
+    loss = gs.estimate_loss(model, data / "val.bin", gs.eval_subset(46, config.eval_samples), config, torch.autocast("cpu", enabled=False),
                             torch.device("cpu"))
-    assert math.isfinite(loss) and len(modes) == config.eval_iters and not any(modes)
+    assert math.isfinite(loss) and len(modes) == 2 and not any(modes)  # 8 samples in micro-batches of 4
 
 
 def test_greedy_decoding_runs_with_autograd_off(monkeypatch):
@@ -107,19 +107,18 @@ def test_ds2_validation_loss_and_decoding_run_with_autograd_off(monkeypatch):
     assert modes and not any(modes)
 
 
-def test_evaluation_memory_does_not_grow_with_eval_iters(tmp_path):
+def test_evaluation_memory_does_not_grow_with_the_number_of_samples(tmp_path):
     """A graph kept per micro-batch costs the (micro-batch x T x vocab) logits and their softmax each: with a
     50,304-token vocabulary ~100 MB a micro-batch here, hundreds of GiB at the defaults (100 x 16 x 1024, 124M)."""
     config, data = eval_config(tmp_path, "--vocab_size", "50304", "--n_layer", "1", "--micro_batch_size", "4")
     model = gs.GPT(gs.GPTConfig(**{k: getattr(config, k) for k in gs.MODEL_KEYS}))
     peaks = {}
-    for eval_iters in (1, 2, 8, 1):  # the first run warms the allocator up; the last checks nothing drifted
-        run = gs.dataclasses.replace(config, eval_iters=eval_iters)
+    for micro_batches in (1, 2, 8, 1):  # the first run warms the allocator up; the last checks nothing drifted
         with gs.PeakMemory(torch.device("cpu")) as memory:
-            gs.estimate_loss(model, data / "val.bin", 40, run, torch.autocast("cpu", enabled=False),
-                             torch.device("cpu"))
-        peaks[eval_iters] = memory.peak
-    assert peaks[8] - peaks[2] < 100, peaks  # with autograd on: +600 MB (six more graphs of ~100 MB)
+            gs.estimate_loss(model, data / "val.bin", gs.eval_subset(46, 4 * micro_batches), config,
+                             torch.autocast("cpu", enabled=False), torch.device("cpu"))
+        peaks[micro_batches] = memory.peak
+    assert peaks[8] - peaks[2] < 100, peaks  # with autograd on: +300 MB (six more graphs of ~50 MB)
 
 
 # ---- one rank's dropout and random state -----------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_reshape_run_feeds_every_token_of_each_sample_as_short_rows(tmp_path, mo
     monkeypatch.setattr(gs.GPT, "forward", lambda self, idx, targets=None, cache=None:
                         seen.append((idx.clone(), targets.clone())) or forward(self, idx, targets, cache))
     result, rows = run_train(tmp_path, "--stage_frac", "0.25", "--stage_mode", "reshape", "--max_iters", "8",
-                             "--eval_iters", "1")
+                             "--eval_samples", "1")
     x, y = seen[1]  # seen[0] is the evaluation at step 0; then step 1, micro-step 1 of 2: 4 samples as 16 rows of 16
     assert x.shape == y.shape == (16, 16)
     data = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16).astype(np.int64)
