@@ -632,10 +632,16 @@ class Plan:
         """The steps whose samples lost their tails: the first short_steps steps of the run."""
         return sum(s.steps for s in self.stages if s.context < self.block_size and not s.reshape)
 
+    @property
+    def epoch_steps(self):
+        """Steps of one pass over the run's epoch: the samples it reads, all of train.bin (less the partial last
+        batch) or, with a shorter max_iters, the first max_iters x batch_size samples of the permutation."""
+        return min(self.steps, self.num_samples // self.batch_size)
+
     def sample_step(self, step):
         """Which step's samples (batch_indices) step `step` reads. Recycled extra step k re-reads short step k: every
         truncated sample once, at full context, in the short stage's order. Otherwise a step reads its own (steps
-        past the epoch: a second, differently seeded permutation)."""
+        past the run's epoch: that epoch's samples again, in a second, differently seeded order)."""
         if self.recycle and step >= self.steps:
             return step - self.steps
         return step
@@ -708,7 +714,10 @@ def describe_plan(plan, config):
     lines = [f"plan: {n:,} samples of {block} tokens (+1 target), {b} sequences per step",
              f"  one epoch = {n:,} / {b} = {n / b:,.1f} -> {epoch_steps:,} steps (the partial last batch of "
              f"{n - epoch_steps * b:,} samples is dropped)"]
-    if plan.steps != epoch_steps:
+    if plan.steps < epoch_steps:
+        lines.append(f"  --max_iters {plan.steps:,}: the run's epoch is the first {plan.steps * b:,} samples of the "
+                     f"permutation ({plan.steps * b / n:.1%} of train.bin), each read once")
+    elif plan.steps > epoch_steps:
         lines.append(f"  --max_iters {plan.steps:,}: {plan.steps * b / n:.2f} passes over the samples "
                      f"(each pass a new permutation)")
     first, stages = 0, list(plan.stages)
@@ -737,7 +746,8 @@ def describe_plan(plan, config):
                   f"tokens it saves at most {truncated / full:.1%} of the baseline's time",
                   f"  match_tokens ({state if not config.recycle else 'off'}): "
                   f"{match_tokens_steps(truncated, b, block):,} extra full-context steps ({human(truncated)} / "
-                  f"({b} x {block})), reading the samples of a second, differently seeded epoch",
+                  f"({b} x {block})), re-reading the run's epoch ({plan.epoch_steps * b:,} samples) in a second, "
+                  f"differently seeded order",
                   f"  --recycle ({state if config.recycle else 'off'}): {plan.short_steps:,} extra steps re-read the "
                   f"{plan.short_steps * b:,} truncated samples once each, in order, at full context "
                   f"({human(plan.short_steps * b * block)} tokens: the heads twice)",
@@ -762,13 +772,19 @@ def epoch_permutation(seed, epoch, num_samples):
     return order
 
 
-def batch_indices(step, seed, num_samples, batch_size, world_size=1, rank=0):
+def batch_indices(step, seed, num_samples, batch_size, world_size=1, rank=0, epoch_steps=0):
     """Sample indices of optimizer step `step` on process `rank`: a pure function of (seed, step), so a resumed
     run reads exactly the batches an uninterrupted one would. Step s takes the next batch_size samples of the
-    epoch's permutation; rank r takes the r-th contiguous slice of them, which it then cuts into micro-batches.
-    Steps past one epoch (max_iters, match_tokens) continue in a new permutation: a second epoch."""
-    epoch, position = divmod(step, num_samples // batch_size)
-    batch = epoch_permutation(seed, epoch, num_samples)[position * batch_size:(position + 1) * batch_size]
+    permutation; rank r takes the r-th contiguous slice of them, which it then cuts into micro-batches.
+    The run's epoch is the first epoch_steps x batch_size samples of that permutation (epoch_steps 0: all of
+    train.bin, less the partial last batch). Steps past it (match_tokens, a max_iters longer than an epoch) re-read
+    the same samples in a new, differently seeded order: a second epoch of the run's own data, never unseen
+    samples, whatever max_iters cuts the epoch to."""
+    epoch_steps = epoch_steps or num_samples // batch_size
+    epoch, position = divmod(step, epoch_steps)
+    positions = slice(position * batch_size, (position + 1) * batch_size)
+    first = epoch_permutation(seed, 0, num_samples)
+    batch = first[positions] if not epoch else first[epoch_permutation(seed, epoch, epoch_steps * batch_size)[positions]]
     per_rank = batch_size // world_size
     return batch[rank * per_rank:(rank + 1) * per_rank]
 
@@ -1160,7 +1176,8 @@ def train(config):
         lr = get_lr(step, total_steps, config, plan)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = batch_indices(plan.sample_step(step), config.seed, num_samples, config.batch_size, world_size, rank)
+        indices = batch_indices(plan.sample_step(step), config.seed, num_samples, config.batch_size, world_size, rank,
+                                plan.epoch_steps)
         sequences, micro_steps = pack_micro_batches(config.micro_batch_size, accum, context * rows, config.block_size)
         micro_batches = (get_batch(train_path, indices[i:i + sequences], context * rows, config.block_size,
                                    config.vocab_size, device, rows) for i in range(0, len(indices), sequences))
