@@ -112,7 +112,13 @@ class Config:
     batch_size: int = 512           # seed: 64 x 8 accumulation steps = 512 examples per optimizer step
     micro_batch_size: int = 64      # seed: batch 64 per forward/backward
     epochs: int = 1                 # seed: 1 epoch in its reported run (DS2's code: up to 100, early stopping)
-    max_iters: int = 0              # optimizer steps; 0 = epochs x steps per epoch
+    max_iters: int = 0              # optimizer steps; 0 = epochs x steps per epoch (schedule "data": at least min_iters)
+    # schedule "data" (plan_schedule): a few-shot run of a few steps per epoch gets min_iters steps, warmup_share of
+    # them as warmup (at most warmup_iters) and evals_per_run evaluations; "fixed": the values above as given
+    schedule: str = "data"
+    min_iters: int = 100            # 1% of MultiWOZ (~84 dialogues, ~600 turns) = 2 steps/epoch -> 50 epochs
+    warmup_share: float = 0.1       # warmup = min(warmup_iters, 10% of the run): the peak LR is always reached
+    evals_per_run: int = 5          # evaluations spread over the run when eval_interval is 0
     # evaluation and early stopping
     eval_interval: int = 0          # evaluate every this many steps; 0 = after every epoch (and always at the end)
     eval_examples: int = 0          # dev turns per evaluation (the first ones); 0 = all
@@ -150,6 +156,7 @@ class Config:
     bench_profile: bool = False     # also print torch.profiler's top operators of one step per variant
     bench_src_len: int = 206        # MultiWOZ 2.1 test means, T5 tokens: 206 source (1,520,336 / 7,368 turns) ...
     bench_tgt_len: int = 44         # ... and 44 target (324,126 / 7,368)
+    bench_eval_turns: int = 256     # evaluation decoding: turns of --data_dir's --split (random sources without it)
 
 
 PRESETS = {
@@ -169,7 +176,8 @@ PRESETS = {
     # test with 10 beams (config.py:15-16); and the loss counts pad tokens as its code does (DS2.py:47-51).
     # Its optimizer is transformers.AdamW with that class's defaults, weight_decay 0.0 and eps 1e-6: with no decay
     # AdamW is Adam, so only eps differs from the seed's (torch's AdamW with weight_decay 0 is Adam as well).
-    "paper": dict(learning_rate=5e-5, weight_decay=0.0, eps=1e-6, decay_lr=False, warmup_iters=0, grad_clip=1.0,
+    "paper": dict(schedule="fixed", learning_rate=5e-5, weight_decay=0.0, eps=1e-6, decay_lr=False, warmup_iters=0,
+                  grad_clip=1.0,
                   batch_size=2, micro_batch_size=2, epochs=100, eval_interval=0, patience=10, dtype="float32",
                   num_beams=1, test_num_beams=10, min_new_tokens=4, max_new_tokens=99, early_stopping=True,
                   loss_on_pad=True),
@@ -251,6 +259,9 @@ def validate(config, world_size=1):
     if c.max_src_len == 1 or c.max_src_len < 0 or c.max_tgt_len < 2:
         raise ValueError(f"--max_src_len (0 = the data's longest source) and --max_tgt_len must be >= 2 (a token and "
                          f"eos), got {c.max_src_len} and {c.max_tgt_len}")
+    if c.schedule not in ("data", "fixed") or not 0 < c.warmup_share <= 1 or c.min_iters < 0 or c.evals_per_run < 1:
+        raise ValueError(f"need --schedule data or fixed, 0 < --warmup_share <= 1, --min_iters >= 0 and "
+                         f"--evals_per_run >= 1, got {c.schedule!r}, {c.warmup_share}, {c.min_iters}, {c.evals_per_run}")
     if c.dialogue_filter not in ("min", "max"):
         raise ValueError(f"--dialogue_filter must be min (DS2's code default) or max, got {c.dialogue_filter!r}")
     if c.test_num_beams < 0 or c.min_new_tokens < 0 or c.min_new_tokens >= c.max_new_tokens:
@@ -580,10 +591,11 @@ class T5(nn.Module):
 
     @torch.no_grad()
     def generate(self, src, max_new_tokens=100, num_beams=1, length_penalty=1.0, use_cache=True, min_new_tokens=0,
-                 early_stopping=False):
+                 early_stopping=False, stop_when_done=True):
         """Generated ids (B, <= max_new_tokens) for right-padded sources src (B, S); after a row's EOS come PADs.
         No EOS among the first min_new_tokens (Hugging Face's min_length, which counts the start token too). The
-        batch stops as soon as every row has written EOS."""
+        batch stops as soon as every row has written EOS (stop_when_done false: it runs to max_new_tokens, the
+        plain loop the benchmark compares with; the rows are the same up to their EOS)."""
         if num_beams > 1:
             return self.beam_search(src, max_new_tokens, num_beams, length_penalty, use_cache, min_new_tokens,
                                     early_stopping)
@@ -598,7 +610,7 @@ class T5(nn.Module):
             token = logits.argmax(-1).masked_fill(done, PAD_ID)
             seqs = torch.cat([seqs, token[:, None]], dim=1)
             done |= token == EOS_ID
-            if done.all():
+            if stop_when_done and done.all():
                 break
         return seqs[:, 1:]
 
@@ -789,7 +801,10 @@ def read_safetensors(path):
 #      would read another state, writes every value in double quotes ('called "x at noon"'); quoted values are read
 #      first and cannot be split wrongly. So summary_to_state(state_to_summary(s)) == s for every state; on the
 #      real MultiWOZ 2.1 test and dev states no quotes are needed (tests/test_templates.py measures both).
-#   4. A model's summary that is not a template output is read best effort, sentence by sentence, and never raises.
+#   4. A model's summary that is not a template output is read sentence by sentence and phrase by phrase (MARKERS,
+#      _read_phrases): any phrase or domain order, repeats, slips, cut-off endings, DS2's wordings; a value never
+#      holds another phrase's lead or the "does not care" clause, and an unreadable fragment gives no slot. The
+#      exact reading wins unless one of its values holds another phrase (_swallows; see summary_to_state).
 # ----------------------------------------------------------------------------------------------------------------
 
 DOMAINS = ["hotel", "train", "restaurant", "attraction", "taxi"]  # hospital and police are excluded, as in DS2
@@ -1442,6 +1457,28 @@ def get_lr(step, total_steps, config):
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
+def plan_schedule(n_rows, config):
+    """(config, total steps, plan line) of a run on n_rows training turns. The seed's recipe (1 epoch, 1000 warmup
+    steps, 512 turns a step) is made for the full training set; on a 1% sample it is 2 steps that never leave the
+    warmup and one evaluation. Schedule "data" (unless --max_iters is given) therefore derives the run from the
+    data: max(epochs x steps per epoch, min_iters) steps, warmup min(warmup_iters, warmup_share of the run), and
+    with eval_interval 0 evals_per_run evaluations spread over it (early stopping needs several). On the full set
+    (111 steps/epoch) that is the seed's single epoch with 12 warmup steps. Schedule "fixed": as given."""
+    per_epoch = math.ceil(n_rows / config.batch_size)
+    if config.schedule == "data" and not config.max_iters:
+        total = max(config.epochs * per_epoch, config.min_iters)
+        config = dataclasses.replace(config, warmup_iters=min(config.warmup_iters, math.ceil(config.warmup_share * total)),
+                                     eval_interval=config.eval_interval or math.ceil(total / config.evals_per_run))
+    else:
+        total = config.max_iters or config.epochs * per_epoch
+    every = config.eval_interval or per_epoch
+    evals = total // every + (total % every > 0)
+    plan = (f"plan ({config.schedule} schedule): {n_rows:,} training turns, {per_epoch} steps/epoch x "
+            f"{total / per_epoch:.1f} epochs = {total:,} steps; warmup {config.warmup_iters} steps to lr "
+            f"{config.learning_rate:g}; {evals} evaluations (every {every} steps)")
+    return config, total, plan
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and outputs: written atomically, loaded weights-only
 
@@ -1479,6 +1516,47 @@ def load_checkpoint(path):
                          f"in a new --out_dir") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
         raise ValueError(f"{path}: not a ds2.py checkpoint (no model / model_config)")
+    return checkpoint
+
+
+# What defines a run: a resume that changed any of these would silently continue another run (other examples,
+# model or LR curve). The rest (eval_interval, log_interval, stop_step, micro_batch_size, device, dtype, decoding
+# settings, ...) may change between a stop and a resume.
+RUN_KEYS = {"model configuration": tuple(MODEL_KEYS),
+            "data order": ("seed", "batch_size", "train_split", "max_src_len", "max_tgt_len", "fewshot", "fewshot_seed",
+                           "except_domain", "only_domain", "dialogue_filter", "loss_on_pad"),
+            "LR schedule or optimizer": ("learning_rate", "min_lr", "warmup_iters", "decay_lr", "epochs", "max_iters",
+                                         "schedule", "min_iters", "warmup_share", "weight_decay", "beta1", "beta2",
+                                         "eps", "grad_clip"),
+            "validation set": ("val_split", "eval_examples")}
+
+
+def fingerprint(path):
+    """A file's size and a hash of its first and last MiB: tells re-prepared data in milliseconds at any size."""
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, size - 2**20))
+        digest.update(f.read(2**20))
+    return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
+
+
+def check_resume(checkpoint, config, data, path):
+    """The checkpoint to resume, after checking that it is this run's: the same RUN_KEYS and the same data
+    (keys missing from an older checkpoint cannot be checked). Flags are never silently replaced by the
+    checkpoint's: a different architecture is refused like any other change."""
+    saved = checkpoint.get("config", {})
+    for what, keys in RUN_KEYS.items():
+        changed = [f"{k} {saved[k]} (checkpoint) vs {getattr(config, k)} (now)"
+                   for k in keys if k in saved and hasattr(config, k) and saved[k] != getattr(config, k)]
+        if changed:
+            raise ValueError(f"{path} is from another {what}: {', '.join(changed)}; resume with the run's own "
+                             f"settings or use another --out_dir")
+    for name, now in data.items():
+        before = checkpoint.get("data", {}).get(name, now)
+        if before != now:
+            raise ValueError(f"{path} was trained on other data: {name} was {before}, now {now} (prepared again, "
+                             f"or another folder); point --data_dir at the run's data or use another --out_dir")
     return checkpoint
 
 
@@ -1651,16 +1729,20 @@ def train(config):
         val_data["rows"] = val_data["rows"][:config.eval_examples]
     rows, slots = train_data["rows"], eval_slots(config)
     steps_per_epoch = math.ceil(len(rows) / config.batch_size)
-    total_steps = config.max_iters or config.epochs * steps_per_epoch
+    config, total_steps, plan = plan_schedule(len(rows), config)  # the run's length, warmup and evaluations
+    log(plan)
     log(f"data: {len(rows):,} training turns of {config.train_split} ({steps_per_epoch} steps per epoch), "
         f"{len(val_data['rows']):,} turns of {config.val_split} per evaluation, {len(slots)} slots scored")
     if config.warmup_iters >= total_steps:  # e.g. the seed's 1 epoch on a small training set
         log(f"note: --warmup_iters {config.warmup_iters} >= the run's {total_steps} steps: the LR never reaches "
             f"--learning_rate {config.learning_rate}")
 
+    folder = Path(config.data_dir)
+    data = {name: fingerprint(folder / name) for name in (f"{config.train_split}.src.bin",
+                                                          f"{config.train_split}.tgt.bin")}
     checkpoint = None
     if config.resume:
-        checkpoint = load_checkpoint(out_dir / "ckpt.pt")
+        checkpoint = check_resume(load_checkpoint(out_dir / "ckpt.pt"), config, data, out_dir / "ckpt.pt")
     elif (out_dir / "ckpt.pt").exists():
         raise ValueError(f"{out_dir / 'ckpt.pt'} exists from an earlier run: continue it with --resume, or choose "
                          f"another --out_dir (nothing is overwritten)")
@@ -1775,7 +1857,7 @@ def train(config):
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "state": dict(state),  # step (the data position too: epoch, batch = divmod(step, steps per epoch)),
                 "epoch": step // steps_per_epoch, "position": step % steps_per_epoch,  # best JGA, patience count
-                "rng": rng, **run})
+                "rng": rng, "data": data, **run})
         if step == config.stop_step and step < total_steps:
             log(f"stopped at --stop_step {step}; continue with --resume")
             return None
@@ -1837,6 +1919,27 @@ progress.last = 0.0
 
 
 @torch.no_grad()
+def decode_rows(model, data, rows, config, device, autocast, num_beams, label="", fast=True):
+    """{row: generated ids up to and with EOS} for these rows, eval_batch_size at a time. fast: batches of similar
+    source lengths (sorted, longest first: little padding), each stopping once all its rows wrote EOS; otherwise
+    the plain loop, batches in row order, each decoded to max_new_tokens (bench compares the two; same outputs)."""
+    order = rows[np.argsort(-data["idx"][rows, 1], kind="stable")] if fast else rows
+    generated, start = {}, time.time()
+    for i in range(0, len(order), config.eval_batch_size):
+        chunk = order[i:i + config.eval_batch_size]
+        src, _ = get_batch(data, chunk, config, device)
+        with autocast:
+            out = model.generate(src, config.max_new_tokens, num_beams, config.length_penalty,
+                                 min_new_tokens=config.min_new_tokens, early_stopping=config.early_stopping,
+                                 stop_when_done=fast)
+        generated.update((int(row), ids[:ids.index(EOS_ID) + 1] if EOS_ID in ids else ids)
+                         for row, ids in zip(chunk, out.tolist()))
+        if label:
+            progress(label, i + len(chunk), len(order), start)
+    return generated
+
+
+@torch.no_grad()
 def evaluate(model, data, config, sp, autocast, device, slots, label, loss=None):
     """Generate a summary for every row, read it back into a state with the inverse rules, and score the states
     against the gold ones. Returns (metrics, records), one record per turn in row order. Summarization data (the
@@ -1844,18 +1947,10 @@ def evaluate(model, data, config, sp, autocast, device, slots, label, loss=None)
     model.eval()
     summarize = data["task"] == "summarization"  # no states to score: loss only (ROUGE-free), 3 summaries shown
     rows = data["rows"][:3] if summarize else data["rows"]
-    order = rows[np.argsort(-data["idx"][rows, 1], kind="stable")]  # similar lengths together: little padding
     # the test split decodes as DS2 tests (--test_num_beams, 10 in --preset paper), validation with --num_beams
     beams = config.test_num_beams or config.num_beams if data["split"] == config.test_split else config.num_beams
-    summaries, start = {}, time.time()
-    for i in range(0, len(order), config.eval_batch_size):
-        chunk = order[i:i + config.eval_batch_size]
-        src, _ = get_batch(data, chunk, config, device)
-        with autocast:
-            out = model.generate(src, config.max_new_tokens, beams, config.length_penalty,
-                                 min_new_tokens=config.min_new_tokens, early_stopping=config.early_stopping)
-        summaries.update((int(row), decode_summary(sp, ids)) for row, ids in zip(chunk, out.tolist()))
-        progress(label, i + len(chunk), len(order), start)
+    generated = decode_rows(model, data, rows, config, device, autocast, beams, label)
+    summaries = {row: decode_summary(sp, ids) for row, ids in generated.items()}
     records = []
     for row in rows:
         ex, summary = data["examples"][row], summaries[int(row)]
@@ -1938,12 +2033,18 @@ def protocol_command(command, config):
     `python ds2.py train` with this command's config plus the run's flags, then write the report."""
     out, runs = Path(config.out_dir), protocol_runs(command, config)
     base = {k: v for k, v in asdict(config).items() if k not in PROTOCOL_KEYS}
+    examples = None if config.report_only else read_examples(Path(config.data_dir) / f"{config.train_split}.jsonl")
+    from data_multiwoz import select_examples
     for i, (name, _, flags) in enumerate(runs if not config.report_only else [], 1):
         run_dir = out / name
         if (run_dir / "test_metrics.json").is_file():
             print(f"{command} {i}/{len(runs)} {name}: done, kept")
             continue
         args = {**base, **flags, "out_dir": run_dir, "resume": (run_dir / "ckpt.pt").is_file()}
+        run_config = dataclasses.replace(config, **{k: v for k, v in flags.items() if k != "init_from"})
+        n_rows = len(select_examples(examples, run_config.fewshot, run_config.fewshot_seed, run_config.except_domain,
+                                     run_config.only_domain, run_config.dialogue_filter))
+        print(f"{command} {i}/{len(runs)} {name}: {plan_schedule(n_rows, run_config)[2]}")
         print(f"{command} {i}/{len(runs)} {name}: train {' '.join(f'--{k} {v}' for k, v in flags.items())}")
         argv = [sys.executable, str(Path(__file__).resolve()), "train"] + [f"--{k}={v}" for k, v in args.items()]
         if subprocess.run(argv).returncode:
@@ -2124,6 +2225,45 @@ def bench_decode(config, model, device):
                 beam4_ms_per_token=beam_ms, beam4_tokens=out.size(1), beam4_encoder_rows=sum(encoded))
 
 
+@torch.no_grad()
+def bench_eval(config, model, device, autocast):
+    """Evaluation decoding in turns/s: decode_rows' batches sorted by source length that stop once their rows are
+    done, vs the plain loop over unsorted batches of the same size (eval_batch_size) run to max_new_tokens. The
+    turns are the first bench_eval_turns of --split in --data_dir when it holds a data folder (with the model of
+    --init_from, a checkpoint that writes EOS, the stopping counts), else random sources of 20-800 tokens. Greedy
+    unless --num_beams; the outputs must be identical (RuntimeError otherwise). Median of bench_repeats rounds."""
+    model.eval()
+    if (Path(config.data_dir) / "meta.json").is_file():
+        meta, _ = read_meta(config.data_dir)
+        data = load_split(config, config.split, meta)
+        where = f"{config.bench_eval_turns} turns of {Path(config.data_dir) / config.split}"
+    else:  # no data: random sources with MultiWOZ's spread of lengths, 2-token targets (labels are not used)
+        g = np.random.default_rng(config.seed)
+        lengths = g.integers(20, 800, config.bench_eval_turns)
+        src = np.concatenate([np.append(g.integers(2, model.config.vocab_size, n - 1), EOS_ID) for n in lengths])
+        idx = np.stack([np.cumsum(lengths) - lengths, lengths, 2 * np.arange(len(lengths)), np.full_like(lengths, 2)], 1)
+        data = dict(idx=idx, src=src.astype(np.int64), tgt=np.tile([3, EOS_ID], len(lengths)))
+        config.max_src_len = config.max_src_len or MAX_SOURCE_TOKENS
+        where = f"{config.bench_eval_turns} random sources of 20-800 tokens"
+    rows = np.arange(min(config.bench_eval_turns, len(data["idx"])))
+    times, outputs = {True: [], False: []}, {}
+    for rnd in range(config.bench_repeats + 1):  # round 0 warms up
+        for fast in times:
+            t0 = time.perf_counter()
+            outputs[fast] = decode_rows(model, data, rows, config, device, autocast, config.num_beams, fast=fast)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rnd:
+                times[fast].append(time.perf_counter() - t0)
+    if outputs[True] != outputs[False]:
+        raise RuntimeError("bench: sorted batches that stop early decoded other tokens than the plain loop")
+    fast, plain = (len(rows) / float(np.median(times[f])) for f in (True, False))
+    return dict(turns=len(rows), where=where, batch=config.eval_batch_size, num_beams=config.num_beams,
+                max_new_tokens=config.max_new_tokens, mean_new_tokens=float(np.mean([len(o) for o in
+                outputs[True].values()])), sorted_stop_turns_per_s=fast, plain_turns_per_s=plain,
+                speedup=fast / plain, identical=True)
+
+
 def bench(config):
     """Print the benchmark tables and write out_dir/bench_ds2.json (see README, Performance)."""
     accum = validate(config)
@@ -2152,6 +2292,14 @@ def bench(config):
           f"with the KV cache, {d['recompute_ms_per_token']:.2f} recomputing ({d['speedup']:.1f}x); beam search (4 "
           f"beams): {d['beam4_ms_per_token']:.2f} ms/token, {d['beam4_encoder_rows']} encoder rows for "
           f"{d['batch']} examples")
+    if config.init_from != "scratch":  # a trained model for the evaluation decoding: its EOS makes batches stop
+        meta, _ = read_meta(config.data_dir)
+        model = build_model(config, meta).to(device)
+    result["eval_decode"] = e = bench_eval(config, model, device, autocast)
+    print(f"evaluation decoding, {e['where']}, batches of {e['batch']}, {e['num_beams']} beam(s), up to "
+          f"{e['max_new_tokens']} new tokens (mean {e['mean_new_tokens']:.1f}): {e['sorted_stop_turns_per_s']:.1f} "
+          f"turns/s sorted by length and stopping when done, {e['plain_turns_per_s']:.1f} turns/s in the plain loop "
+          f"({e['speedup']:.2f}x), identical outputs")
     result["loadavg_end"] = os.getloadavg()
     out = Path(config.out_dir) / "bench_ds2.json"
     out.parent.mkdir(parents=True, exist_ok=True)

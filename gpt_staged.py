@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -880,16 +881,46 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, config):
+# What defines a run: a resume that changed any of these would silently continue another run (other samples, plan
+# or LR curve). Everything else (eval_interval, log_interval, stop_step, micro_batch_size, device, dtype, ...) may
+# change between a stop and a resume.
+RUN_KEYS = {"model configuration": (*MODEL_KEYS, "dropout"),
+            "data order": ("seed", "batch_size", "max_iters"),
+            "staged plan": ("stage_frac", "stage_len", "stages", "match_tokens", "stage_mode", "recycle",
+                            "length_warmup", "length_step"),
+            "LR schedule or optimizer": ("learning_rate", "min_lr", "warmup_iters", "lr_decay_frac", "lr_decay_by",
+                                         "weight_decay", "decay_wpe", "beta1", "beta2", "grad_clip"),
+            "validation set": ("eval_samples",)}
+
+
+def fingerprint(path):
+    """A bin's size and a hash of its first and last MiB: tells a re-tokenized or another corpus in milliseconds."""
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, size - 2**20))
+        digest.update(f.read(2**20))
+    return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
+
+
+def load_checkpoint(path, config, data):
+    """The checkpoint to resume, after checking that it is this run's: the same RUN_KEYS and the same data."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} not found; start the run without --resume, or set --out_dir "
                                 f"to the folder of the run to continue")
     checkpoint = read_checkpoint(path)
-    changed = [f"{k} {checkpoint['config'][k]} (checkpoint) vs {getattr(config, k)} (now)"
-               for k in MODEL_KEYS if checkpoint["config"][k] != getattr(config, k)]
-    if changed:
-        raise ValueError(f"{path} is from another model configuration: {', '.join(changed)}; resume with the "
-                         f"run's own settings or use another --out_dir")
+    saved = checkpoint["config"]
+    for what, keys in RUN_KEYS.items():  # keys missing from an older checkpoint cannot be checked
+        changed = [f"{k} {saved[k]} (checkpoint) vs {getattr(config, k)} (now)"
+                   for k in keys if k in saved and saved[k] != getattr(config, k)]
+        if changed:
+            raise ValueError(f"{path} is from another {what}: {', '.join(changed)}; resume with the run's own "
+                             f"settings or use another --out_dir")
+    for name, now in data.items():
+        before = checkpoint.get("data", {}).get(name, now)
+        if before != now:
+            raise ValueError(f"{path} was trained on other data: {name} was {before}, now {now} (re-tokenized, or "
+                             f"another corpus); point --data_dir at the run's data or use another --out_dir")
     return checkpoint
 
 
@@ -1106,7 +1137,8 @@ def train(config):
     log(f"batch: {config.batch_size} sequences = {config.micro_batch_size} (micro-batch) x {accum} (accumulation) "
         f"x {world_size} (processes); device {device}, dtype {str(dtype).removeprefix('torch.')}")
 
-    checkpoint = load_checkpoint(out_dir / "ckpt.pt", config) if config.resume else None
+    data = {"train.bin": fingerprint(train_path), "val.bin": fingerprint(val_path), "train samples": num_samples}
+    checkpoint = load_checkpoint(out_dir / "ckpt.pt", config, data) if config.resume else None
     if config.init_from != "scratch" and checkpoint is None:
         model = GPT.from_pretrained(config.init_from, config.block_size, config.dropout)
     else:
@@ -1222,7 +1254,7 @@ def train(config):
                     "step": step,  # also the data position: step s reads batch_indices(s), a function of (seed, s)
                     "tokens_seen": tokens_seen, "train_time_s": train_time,
                     "best_val_loss": best_val, "last_val_loss": last_eval["val_loss"], "last_eval": last_eval,
-                    "rng": rng})
+                    "rng": rng, "data": data})
         if step == config.stop_step and step < total_steps:
             log(f"stopped at --stop_step {step}; continue with --resume")
             break

@@ -65,3 +65,109 @@ def test_a_shortened_run_prints_what_its_epoch_and_extra_steps_read():
     text = gs.describe_plan(gs.plan_for(config, 1003), config)
     assert "the run's epoch is the first 640 samples of the permutation" in text
     assert "re-reading the run's epoch (640 samples) in a second, differently seeded order" in text
+
+
+# ---- a resume continues the same run or refuses ----------------------------------------------------------------
+
+RUN = ["--max_iters", "8", "--eval_interval", "4", "--stage_frac", "0.25"]
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    run_train(tmp_path, *RUN, "--stop_step", "4")
+    return tmp_path
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--n_embd", "64"], "another model configuration: n_embd 32 (checkpoint) vs 64 (now)"),
+    (["--dropout", "0.1"], "another model configuration: dropout 0.0 (checkpoint) vs 0.1 (now)"),
+    (["--seed", "1"], "another data order: seed 1337 (checkpoint) vs 1 (now)"),
+    (["--batch_size", "4"], "another data order: batch_size 8 (checkpoint) vs 4 (now)"),
+    (["--max_iters", "9"], "another data order: max_iters 8 (checkpoint) vs 9 (now)"),
+    (["--stage_frac", "0.5"], "another staged plan: stage_frac 0.25 (checkpoint) vs 0.5 (now)"),
+    (["--match_tokens"], "another staged plan: match_tokens False (checkpoint) vs True (now)"),
+    (["--learning_rate", "1e-3"], "another LR schedule or optimizer: learning_rate 0.003 (checkpoint) vs 0.001 (now)"),
+    (["--warmup_iters", "2"], "another LR schedule or optimizer: warmup_iters 4 (checkpoint) vs 2 (now)"),
+    (["--eval_samples", "16"], "another validation set: eval_samples 8 (checkpoint) vs 16 (now)"),
+])
+def test_resume_refuses_a_change_that_makes_it_another_run(stopped_run, change, message, capsys):
+    before = (stopped_run / "out" / "ckpt.pt").read_bytes()
+    args = [*gs_args(stopped_run), *RUN, *change, "--resume"]
+    assert gs.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "resume with the run's own settings" in err, err
+    assert (stopped_run / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_resume_refuses_retokenized_training_data(stopped_run, capsys):
+    train = stopped_run / "data" / "train.bin"
+    tokens = np.fromfile(train, dtype=np.uint16)
+    np.concatenate([tokens[64:], tokens[:64]]).tofile(train)  # the same size and vocabulary, other order
+    assert gs.main([*gs_args(stopped_run), *RUN, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on other data: train.bin was" in err and "point --data_dir at the run's data" in err
+
+
+def test_resume_allows_what_does_not_change_the_run(stopped_run, tmp_path):
+    moved = tmp_path / "moved"
+    (stopped_run / "data").rename(moved)  # the same data in another folder
+    result = gs.train(gs.parse_args([*SMOKE_ARGS, "--data_dir", str(moved), "--out_dir", str(stopped_run / "out"),
+                                     *RUN, "--resume", "--eval_interval", "2", "--log_interval", "3",
+                                     "--micro_batch_size", "2", "--final_eval", "full"])[1])
+    assert result["steps"] == 8
+
+
+def gs_args(folder):
+    return [*SMOKE_ARGS, "--data_dir", str(folder / "data"), "--out_dir", str(folder / "out")]
+
+
+SMOKE_ARGS = ["--preset", "smoke", "--vocab_size", "128"]
+
+
+# ---- ds2.py: the same rule ---------------------------------------------------------------------------------------
+
+import shutil  # noqa: E402
+
+import ds2  # noqa: E402
+from conftest import require_shared  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ds2_stopped(tmp_path_factory):
+    from test_ds2 import write_data_dir
+    folder = tmp_path_factory.mktemp("ds2resume")
+    write_data_dir(folder / "data", require_shared("t5/spiece.model"))
+    assert ds2.main(["--preset", "smoke", "--data_dir", str(folder / "data"), "--out_dir", str(folder / "out"),
+                     "--stop_step", "3"]) == 0
+    return folder
+
+
+def ds2_resume(folder, tmp_path, *extra):
+    shutil.copytree(folder, tmp_path / "run")
+    return ds2.main(["--preset", "smoke", "--data_dir", str(tmp_path / "run" / "data"), "--out_dir",
+                     str(tmp_path / "run" / "out"), "--resume", *extra])
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--d_model", "64"], "another model configuration: d_model 32 (checkpoint) vs 64 (now)"),  # was taken silently
+    (["--seed", "2"], "another data order: seed 1337 (checkpoint) vs 2 (now)"),
+    (["--learning_rate", "1e-3"], "another LR schedule or optimizer: learning_rate 0.003 (checkpoint) vs 0.001"),
+    (["--eval_examples", "8"], "another validation set: eval_examples 16 (checkpoint) vs 8 (now)"),
+])
+def test_ds2_resume_refuses_a_change_that_makes_it_another_run(ds2_stopped, tmp_path, change, message, capsys):
+    assert ds2_resume(ds2_stopped, tmp_path, *change) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_ds2_resume_refuses_data_prepared_again(ds2_stopped, tmp_path, capsys):
+    shutil.copytree(ds2_stopped, tmp_path / "run")
+    src = tmp_path / "run" / "data" / "train.src.bin"
+    src.write_bytes(src.read_bytes()[2:] + src.read_bytes()[:2])
+    assert ds2.main(["--preset", "smoke", "--data_dir", str(tmp_path / "run" / "data"), "--out_dir",
+                     str(tmp_path / "run" / "out"), "--resume"]) == 2
+    assert "was trained on other data: train.src.bin was" in capsys.readouterr().err
+
+
+def test_ds2_resume_allows_what_does_not_change_the_run(ds2_stopped, tmp_path):
+    assert ds2_resume(ds2_stopped, tmp_path, "--log_interval", "2", "--micro_batch_size", "2") == 0

@@ -240,8 +240,9 @@ GPT_BAD_INPUT = {  # case: (damage to the folder, extra flags, what the one line
     "bin_odd_byte_length": (lambda d: (d / "data" / "train.bin").write_bytes(
         (d / "data" / "train.bin").read_bytes() + b"\0"), [],
         ["train.bin: 120,001 bytes, an odd count, so not a file of uint16 tokens", "re-run data_owt.py"]),
-    "token_id_at_least_vocab_size": (lambda d: set_tokens(d / "data" / "train.bin", 5000), [],
-                                     ["train.bin: token id 5000 >= --vocab_size 128", "re-run data_owt.py"]),
+    "train_bin_tokenized_again": (lambda d: set_tokens(d / "data" / "train.bin", 7), [],
+                                  ["ckpt.pt was trained on other data: train.bin was", "point --data_dir at the "
+                                   "run's data"]),
     "val_shorter_than_one_sample": (lambda d: short_val(d / "data"), [],
                                     ["val.bin holds 40 tokens, fewer than one sample of block_size + 1 = 65",
                                      "use more text or a smaller --block_size"]),
@@ -381,7 +382,7 @@ T5_CONFIG = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_h
 
 
 def load_with_gpt_load_checkpoint(tmp_path, marker):
-    gs.load_checkpoint(malicious_checkpoint(tmp_path / "ckpt.pt", marker), gs.Config())
+    gs.load_checkpoint(malicious_checkpoint(tmp_path / "ckpt.pt", marker), gs.Config(), {})
 
 
 def load_with_gpt_from_pretrained(tmp_path, marker):
