@@ -132,6 +132,8 @@ class Config:
     length_penalty: float = 1.0     # beam search only, as Hugging Face defines it
     max_new_tokens: int = 128       # DS2: max_length 100 with the start token = 99; 1.0% of our test summaries need
                                     # more (up to 127 with eos, measured)
+    shuffle_domains: bool = False   # training targets with their domains in a new random order every epoch, as DS2
+                                    # does (state_sum_converter.py:541-542); read back by the phrase reader
     loss_on_pad: bool = False       # DS2's quirk (DS2.py:47-51): training targets padded with pad tokens the loss
                                     # counts; only --preset paper turns it on
     # system
@@ -752,32 +754,68 @@ def refusal_reason(error):
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the format's own cap on the JSON header (100 MB)
+
+
+def safetensors_fault(info, data_size):
+    """What is wrong with one tensor's header entry, or None: a known dtype, a shape of non-negative integers and
+    integer offsets inside the data that hold exactly that shape."""
+    def whole(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not isinstance(info, dict):
+        return f"its entry is {type(info).__name__}, not an object"
+    if info.get("dtype") not in SAFETENSORS_DTYPES:
+        return f"dtype {info.get('dtype')!r}; only F32, F16 and BF16 are read"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(whole(d) for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets) \
+            or not offsets[0] <= offsets[1] <= data_size:
+        return f"data_offsets {offsets!r} must be two integers 0 <= begin <= end <= {data_size:,} (the data's size)"
+    if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize:
+        return f"byte range [{offsets[0]}, {offsets[1]}) does not hold shape {shape} of {info['dtype']}"
+    return None
 
 
 def read_safetensors(path):
     """The safetensors format without the package: 8 bytes little-endian header length N, N bytes of JSON
     {name: {dtype, shape, data_offsets: [begin, end]}} (offsets from the end of the header), then the raw
-    little-endian tensor bytes."""
-    buf = bytearray(os.path.getsize(path))
+    little-endian tensor bytes (torch.frombuffer reads native order, little-endian on every machine torch runs on).
+    A file from elsewhere is untrusted: the whole header is checked before any tensor is read (size cap, dtypes,
+    shapes, in-bounds offsets that match the shapes and do not overlap), and each tensor is read into its own
+    buffer, so the file is never held in memory twice."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        f.readinto(buf)
-    n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else 0
-    if len(buf) < 8 or 8 + n > len(buf):
-        raise ValueError(f"{path}: header length {n} does not fit in {len(buf)} bytes: not safetensors or cut off")
-    tensors = {}
-    for name, info in json.loads(buf[8:8 + n]).items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} is {info['dtype']}; only F32, F16 and BF16 are read")
-        dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-        count = math.prod(info["shape"])
-        if end - begin != count * dtype.itemsize or 8 + n + end > len(buf):
-            raise ValueError(f"{path}: tensor {name}: byte range [{begin}, {end}) does not hold shape {info['shape']}")
-        flat = torch.empty(0, dtype=dtype)
-        if count:  # frombuffer refuses an empty range
-            flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
-        tensors[name] = flat.reshape(info["shape"])
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if size < 8 or not 0 < n <= min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: header length {n:,} does not fit in {size:,} bytes (at most 100 MB): not "
+                             f"safetensors, or cut off; download the weights again")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: the header is not JSON ({e}): not safetensors; download it again") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, not an object: not safetensors")
+        entries = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            fault = safetensors_fault(info, size - 8 - n)
+            if fault:
+                raise ValueError(f"{path}: tensor {name!r}: {fault}; the file is damaged or not safetensors")
+            entries.append((*info["data_offsets"], name, info))
+        entries.sort(key=lambda e: e[:2])
+        for (_, end, name, _), (begin, _, other, _) in zip(entries, entries[1:]):
+            if begin < end:
+                raise ValueError(f"{path}: tensors {name!r} and {other!r} overlap in the file; it is damaged")
+        tensors = {}
+        for begin, end, name, info in entries:
+            buf = bytearray(end - begin)
+            f.seek(8 + n + begin)
+            f.readinto(buf)
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)  # refuses an empty one
+            tensors[name] = flat.reshape(info["shape"])
     return tensors
 
 
@@ -798,9 +836,10 @@ def read_safetensors(path):
 #      stops, digits, or another domain's words ("pipasha restaurant" contains "a restaurant").
 #   3. A few states still share their summary with a shorter reading: a restaurant named "x at noon" with no
 #      booking time reads as name "x" + time "noon". state_to_summary checks its own output and, when the parser
-#      would read another state, writes every value in double quotes ('called "x at noon"'); quoted values are read
-#      first and cannot be split wrongly. So summary_to_state(state_to_summary(s)) == s for every state; on the
-#      real MultiWOZ 2.1 test and dev states no quotes are needed (tests/test_templates.py measures both).
+#      would read another state, or a value holds another phrase (point 4), writes every value in double quotes
+#      ('called "x at noon"'); quoted values are read first and cannot be split wrongly. So
+#      summary_to_state(state_to_summary(s)) == s for every state; of the real MultiWOZ 2.1 test and dev states
+#      4 need quotes (a taxi to "home from home"; tests/test_templates.py measures both splits).
 #   4. A model's summary that is not a template output is read sentence by sentence and phrase by phrase (MARKERS,
 #      _read_phrases): any phrase or domain order, repeats, slips, cut-off endings, DS2's wordings; a value never
 #      holds another phrase's lead or the "does not care" clause, and an unreadable fragment gives no slot. The
@@ -910,9 +949,9 @@ def domain_sentence(domain, state, first=True, quoted=False):
     return text + "."
 
 
-def _render(state, quoted):
+def _render(state, quoted, order=DOMAINS):
     """The summary: the domains' sentences in DOMAINS order (the empty state has a sentence of its own)."""
-    domains = [d for d in DOMAINS if any(slot.startswith(d + "-") for slot in state)]
+    domains = [d for d in order if any(slot.startswith(d + "-") for slot in state)]
     sentences = [domain_sentence(d, state, first=i == 0, quoted=quoted) for i, d in enumerate(domains)]
     return " ".join(sentences) if sentences else EMPTY_SUMMARY
 
@@ -1073,8 +1112,8 @@ MARKERS = {
     "book day": [(r"on %s\b" % _DAY, 1, "")],
     "day": [(r"on %s\b" % _DAY, 1, "")],
     "book time": [(r"at %s" % _TIME, 1, "")],
-    "parking": [(r"has (no |free )?parking\b", 1, "")],
-    "internet": [(r"has (no |free )?(?:internet|wifi)\b", 1, "")],
+    "parking": [(r"(?:has|with) (no |free )?parking\b", 1, "")],
+    "internet": [(r"(?:has|with) (no |free )?(?:internet|wifi)\b", 1, "")],
     "departure": [(r"from ", _FREE, "")],
     "destination": [(r"to ", _FREE, "")],
     "leaveat": [(r"(?:leaves|leaving|departs) (?:at|after) ", _FREE, "")],
@@ -1182,7 +1221,8 @@ def _read_best_effort(text):
         body = text[m.end():after.start() if after else len(text)].split(". ")[0]  # junk after a full stop
         body = re.sub(r"(?:[.,]?\s+(?:also,?\s+)?(?:the user|he))?[\s.,]*$", "", body, flags=re.I)
         exact = _read_exact(FIRST_OPENER + DOMAIN_PHRASE[domain] + body + ".")
-        reading = exact if exact is not None and not _swallows(exact) else _read_phrases(domain, body).items()
+        trusted = exact is not None and ('"' in body or not _swallows(exact))  # quoted values: what they say
+        reading = exact if trusted else _read_phrases(domain, body).items()
         for slot, value in reading:
             state.setdefault(slot, value)
     return state
@@ -1192,9 +1232,10 @@ def summary_to_state(summary):
     """The dialogue state of a summary: exact for every output of state_to_summary, phrase by phrase for anything
     else (never raises; unreadable text gives {}). Which reading wins: the exact one (generate-and-check: it renders
     back to the very text), unless one of its values holds another phrase (_swallows). A value holding "with a cheap
-    price" or "and arrives by" is how the exact reader explains a phrase out of order, a repeat or a cut-off ending;
-    no value of the 14,737 real MultiWOZ 2.1 test and dev states holds one (tests/test_templates.py), while a model
-    writes such text often, so the phrase reading is the likelier one there."""
+    price" or "and arrives by" is how the exact reader explains a phrase out of order, a repeat or a cut-off ending,
+    which a model writes often; such values are rare in real states (4 of the 14,737 MultiWOZ 2.1 test and dev
+    states: a taxi to the hotel "home from home"), and state_to_summary writes those quoted, so the phrase reading
+    is the likelier one for plain text and the round trip stays exact."""
     if not isinstance(summary, str):
         return {}
     reading = _read_exact(summary)
@@ -1392,8 +1433,11 @@ def load_split(config, split, meta, train=False):
           f"(longest {int(idx[rows, 1].max())}) lose their oldest tokens" if cut else
           f"{split}: {len(rows):,} turns; no source is cut (longest {int(idx[rows, 1].max())} <= --max_src_len "
           f"{config.max_src_len})")
-    return dict(split=split, examples=examples, idx=idx, src=src, tgt=tgt, rows=rows, task=meta.get("task", "dst"),
+    data = dict(split=split, examples=examples, idx=idx, src=src, tgt=tgt, rows=rows, task=meta.get("task", "dst"),
                 train=train, sources_cut=cut)
+    if train and config.shuffle_domains:  # targets are written anew every epoch: the tokenizer is needed
+        data["sp"] = read_meta(config.data_dir)[1]
+    return data
 
 
 MAX_SOURCE_TOKENS = 1000  # DS2's tokenizer limit (data_loader.py:154); no MultiWOZ 2.1 turn reaches it
@@ -1428,10 +1472,23 @@ def get_batch(data, rows, config, device):
     idx = data["idx"][rows]
     src = pad([clip(data["src"][o:o + n], config.max_src_len, keep_end=True) for o, n in idx[:, :2]], PAD_ID)
     label_pad = PAD_ID if config.loss_on_pad and data.get("train") else -100
-    labels = pad([clip(data["tgt"][o:o + n], config.max_tgt_len, keep_end=False) for o, n in idx[:, 2:]], label_pad)
+    targets = [data["tgt"][o:o + n] for o, n in idx[:, 2:]]
+    if config.shuffle_domains and data.get("train") and data["task"] == "dst":
+        targets = [shuffled_target(data, row, config.seed) for row in rows]
+    labels = pad([clip(ids, config.max_tgt_len, keep_end=False) for ids in targets], label_pad)
     if device.type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work
         return src.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
     return src, labels
+
+
+def shuffled_target(data, row, seed):
+    """--shuffle_domains: the target of `row` with its domains in an order drawn from (seed, epoch, row), so a resumed
+    run draws the same orders; DS2 reshuffles on every call (state_sum_converter.py:541-542). Token ids with EOS."""
+    state = data["examples"][row]["state"]
+    order = np.random.default_rng([seed, data.get("epoch", 0), int(row)]).permutation(DOMAINS).tolist()
+    quoted = '"' in state_to_summary(state) if state else False
+    summary = _render(state, quoted, order) if state else EMPTY_SUMMARY
+    return np.array(data["sp"].encode(summary) + [EOS_ID], dtype=np.int64)
 
 
 def batch_rows(step, seed, rows, batch_size):
@@ -1780,6 +1837,7 @@ def train(config):
             group["lr"] = lr
         t0 = time.time()
         batch = batch_rows(step, config.seed, rows, config.batch_size)
+        train_data["epoch"] = step // steps_per_epoch  # --shuffle_domains: each epoch its own domain orders
         src_tokens, tgt_tokens = token_counts(train_data, batch, config)
         train_model.train()
         # each micro-batch weighted by its share of the step's target tokens: the step's loss is the mean over all

@@ -540,32 +540,68 @@ def refusal_reason(error):
 
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the format's own cap on the JSON header (100 MB)
+
+
+def safetensors_fault(info, data_size):
+    """What is wrong with one tensor's header entry, or None: a known dtype, a shape of non-negative integers and
+    integer offsets inside the data that hold exactly that shape."""
+    def whole(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not isinstance(info, dict):
+        return f"its entry is {type(info).__name__}, not an object"
+    if info.get("dtype") not in SAFETENSORS_DTYPES:
+        return f"dtype {info.get('dtype')!r}; only F32, F16 and BF16 are read"
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(whole(d) for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets) \
+            or not offsets[0] <= offsets[1] <= data_size:
+        return f"data_offsets {offsets!r} must be two integers 0 <= begin <= end <= {data_size:,} (the data's size)"
+    if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize:
+        return f"byte range [{offsets[0]}, {offsets[1]}) does not hold shape {shape} of {info['dtype']}"
+    return None
 
 
 def read_safetensors(path):
     """The safetensors format without the package: 8 bytes little-endian header length N, N bytes of JSON
     {name: {dtype, shape, data_offsets: [begin, end]}} (offsets from the end of the header), then the raw
-    little-endian tensor bytes (torch.frombuffer reads native order, little-endian on every machine torch runs on)."""
-    buf = bytearray(os.path.getsize(path))
+    little-endian tensor bytes (torch.frombuffer reads native order, little-endian on every machine torch runs on).
+    A file from elsewhere is untrusted: the whole header is checked before any tensor is read (size cap, dtypes,
+    shapes, in-bounds offsets that match the shapes and do not overlap), and each tensor is read into its own
+    buffer, so the file is never held in memory twice."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        f.readinto(buf)
-    n = int.from_bytes(buf[:8], "little") if len(buf) >= 8 else 0
-    if len(buf) < 8 or 8 + n > len(buf):
-        raise ValueError(f"{path}: header length {n} does not fit in {len(buf)} bytes: not safetensors or cut off")
-    tensors = {}
-    for name, info in json.loads(buf[8:8 + n]).items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} is {info['dtype']}; only F32, F16 and BF16 are read")
-        dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-        count = math.prod(info["shape"])
-        if end - begin != count * dtype.itemsize or 8 + n + end > len(buf):
-            raise ValueError(f"{path}: tensor {name}: byte range [{begin}, {end}) does not hold shape {info['shape']}")
-        flat = torch.empty(0, dtype=dtype)
-        if count:  # frombuffer refuses an empty range
-            flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + begin)
-        tensors[name] = flat.reshape(info["shape"])
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if size < 8 or not 0 < n <= min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: header length {n:,} does not fit in {size:,} bytes (at most 100 MB): not "
+                             f"safetensors, or cut off; download the weights again")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: the header is not JSON ({e}): not safetensors; download it again") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, not an object: not safetensors")
+        entries = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            fault = safetensors_fault(info, size - 8 - n)
+            if fault:
+                raise ValueError(f"{path}: tensor {name!r}: {fault}; the file is damaged or not safetensors")
+            entries.append((*info["data_offsets"], name, info))
+        entries.sort(key=lambda e: e[:2])
+        for (_, end, name, _), (begin, _, other, _) in zip(entries, entries[1:]):
+            if begin < end:
+                raise ValueError(f"{path}: tensors {name!r} and {other!r} overlap in the file; it is damaged")
+        tensors = {}
+        for begin, end, name, info in entries:
+            buf = bytearray(end - begin)
+            f.seek(8 + n + begin)
+            f.readinto(buf)
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)  # refuses an empty one
+            tensors[name] = flat.reshape(info["shape"])
     return tensors
 
 

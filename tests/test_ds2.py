@@ -192,6 +192,27 @@ def test_beam_search_and_greedy_match_transformers_generate(tmp_path):
         assert [until_eos(r) for r in ours.tolist()] == [until_eos(r[1:]) for r in theirs.tolist()]
 
 
+def test_ds2_decoding_settings_match_transformers_generate(tmp_path):
+    # DS2.py:68-74: generate(min_length=5, max_length=100, early_stopping=True); both lengths count the start
+    # token, so --preset paper decodes with min_new_tokens 4 and max_new_tokens 99 (here max_length 21 -> 20)
+    hf = reference_t5("v1_1", num_decoder_layers=2, vocab_size=30)
+    hf.save_pretrained(tmp_path)
+    model = ds2.T5.from_pretrained(tmp_path).eval()
+    with torch.no_grad():  # make EOS likely, so that min_length has something to stop
+        for m in (model.lm_head, hf.lm_head):
+            m.weight[ds2.EOS_ID] *= 3
+    src = random_batch([20, 12, 17, 9, 14, 6], vocab_size=30, seed=7)
+    mask = (src != 0).long()
+    for beams in (1, 4, 10):
+        ours = model.generate(src, 20, num_beams=beams, min_new_tokens=4, early_stopping=True)
+        theirs = hf.generate(input_ids=src, attention_mask=mask, min_length=5, max_length=21, num_beams=beams,
+                             early_stopping=True, do_sample=False)
+        rows = [until_eos(r) for r in ours.tolist()]
+        assert rows == [until_eos(r[1:]) for r in theirs.tolist()], beams
+        assert all(ds2.EOS_ID not in r[:4] for r in rows)
+    assert any(ds2.EOS_ID in r[:4] for r in model.generate(src, 20).tolist())  # without min_new_tokens
+
+
 def test_safetensors_reader_reads_f32_f16_bf16_and_rejects_a_cut_file(tmp_path):
     require_module("safetensors")
     from safetensors.torch import save_file
@@ -201,7 +222,7 @@ def test_safetensors_reader_reads_f32_f16_bf16_and_rejects_a_cut_file(tmp_path):
     assert all(torch.equal(read[k], v) and read[k].dtype == v.dtype for k, v in tensors.items())
     data = (tmp_path / "x.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
-    with pytest.raises(ValueError, match="does not hold shape"):
+    with pytest.raises(ValueError, match="data_offsets \[56, 66\] must be two integers 0 <= begin <= end <= 56"):
         ds2.read_safetensors(tmp_path / "cut.safetensors")
 
 
@@ -314,10 +335,20 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     metrics = json.loads((out / "test_metrics.json").read_text())
     for key in ("jga", "slot_acc", "slot_precision", "slot_recall", "slot_f1", "per_domain_jga", "summary_em"):
         assert key in metrics
-    assert metrics["n_turns"] == 14 and 0 <= metrics["jga"] <= 1
+    assert metrics["n_turns"] == 14
+    # both scorings, each named: trade (all 30 slots) at the top level, ds2 (the goal domains' slots) beside it
+    assert metrics["scoring"].startswith("trade:") and metrics["ds2"]["scoring"].startswith("ds2:")
+    assert metrics["ds2"]["n_turns"] == 14
+    assert "trade scoring: jga" in run.stdout and "ds2 scoring: jga" in run.stdout
     rows = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 14
     assert set(rows[0]) == {"dialogue_id", "turn", "gold_state", "pred_state", "gold_summary", "gen_summary"}
+    # the scores are those of the written predictions, counted here by hand: a turn is right when its whole state
+    # is (trade: all 30 slots; ds2: the slots of the dialogue's goal domains only)
+    assert metrics["jga"] == sum(r["pred_state"] == r["gold_state"] for r in rows) / 14
+    goals = [json.loads(line)["domains"] for line in (data / "test.jsonl").read_text().splitlines()]
+    in_goal = [lambda state, d=d: {k: v for k, v in state.items() if k.split("-")[0] in d} for d in goals]
+    assert metrics["ds2"]["jga"] == sum(f(r["pred_state"]) == f(r["gold_state"]) for f, r in zip(in_goal, rows)) / 14
     assert rows[1]["gold_state"] == STATES[1] and rows[1]["gold_summary"] == ds2.state_to_summary(STATES[1])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -400,3 +431,87 @@ def test_presets_and_flags_parse():
     # the seed's recipe: Adam 5e-4, betas (0.9, 0.999), eps 1e-8, 64 x 8 = 512 per step, 1000 warmup steps
     assert (default.learning_rate, default.beta1, default.beta2, default.eps) == (5e-4, 0.9, 0.999, 1e-8)
     assert (default.micro_batch_size, default.batch_size, default.warmup_iters) == (64, 512, 1000)
+
+
+def test_no_source_is_cut_silently(tmp_path, capsys):
+    # --max_src_len 0 (the default): the longest source of the folder (DS2 allows 1000 tokens); a smaller limit
+    # says how many sources it cuts
+    data = tmp_path / "data"
+    write_data_dir(data, require_shared("t5/spiece.model"))
+    meta, _ = ds2.read_meta(data)
+    config = ds2.Config(data_dir=str(data))
+    assert config.max_src_len == 0
+    split = ds2.load_split(config, "dev", meta)
+    longest = int(split["idx"][:, 1].max())
+    assert config.max_src_len == longest and split["sources_cut"] == 0
+    assert f"no source is cut (longest {longest}" in capsys.readouterr().out
+    limit = int(np.sort(split["idx"][:, 1])[-4])  # 3 sources are longer than this (or fewer, when tied)
+    config = ds2.Config(data_dir=str(data), max_src_len=limit)
+    cut = int((split["idx"][:, 1] > limit).sum())
+    assert 0 < cut <= 3 and ds2.load_split(config, "dev", meta)["sources_cut"] == cut
+    assert f"{cut} sources longer than --max_src_len {limit}" in capsys.readouterr().out
+
+
+def test_loss_on_pad_is_ds2s_quirk_for_training_batches_only(tmp_path):
+    data = tmp_path / "data"
+    write_data_dir(data, require_shared("t5/spiece.model"))
+    meta, _ = ds2.read_meta(data)
+    for loss_on_pad, train_pad in ((False, -100), (True, ds2.PAD_ID)):
+        config = ds2.Config(data_dir=str(data), loss_on_pad=loss_on_pad)
+        train, dev = ds2.load_split(config, "train", meta, train=True), ds2.load_split(config, "dev", meta)
+        rows = np.arange(6)
+        lengths = train["idx"][rows, 3]
+        assert lengths.min() < lengths.max()  # some rows are padded
+        _, labels = ds2.get_batch(train, rows, config, torch.device("cpu"))
+        short = int(np.argmin(lengths))
+        assert (labels[short, lengths[short]:] == train_pad).all()
+        _, labels = ds2.get_batch(dev, rows, config, torch.device("cpu"))
+        assert (labels == -100).any()  # validation loss never counts pads
+
+
+def test_dialogue_filter_is_a_flag_with_ds2s_default():
+    assert ds2.Config().dialogue_filter == "min"
+    assert ds2.parse_args(["--dialogue_filter", "max"])[1].dialogue_filter == "max"
+    with pytest.raises(ValueError, match="--dialogue_filter must be min"):
+        ds2.parse_args(["--dialogue_filter", "all"])
+
+
+def test_sorted_batches_that_stop_when_done_decode_what_the_plain_loop_decodes(tmp_path):
+    data = tmp_path / "data"
+    write_data_dir(data, require_shared("t5/spiece.model"))
+    meta, _ = ds2.read_meta(data)
+    config = ds2.Config(data_dir=str(data), eval_batch_size=4, max_new_tokens=12, bench_eval_turns=14,
+                        bench_repeats=1, split="test")
+    split = ds2.load_split(config, "test", meta)
+    model = tiny_t5(vocab_size=meta["vocab_size"], seed=3)
+    with torch.no_grad():  # EOS likely: rows end at different steps, so batches stop at different steps
+        model.lm_head.weight[ds2.EOS_ID] *= 6
+    args = (model, split, split["rows"], config, torch.device("cpu"), ds2.torch.autocast("cpu", enabled=False), 1)
+    fast, plain = ds2.decode_rows(*args, fast=True), ds2.decode_rows(*args, fast=False)
+    assert fast == plain and len(fast) == 14
+    lengths = {len(ids) for ids in fast.values()}
+    assert len(lengths) > 1 and min(lengths) < 12  # some rows stop early, not all at the same step
+    e = ds2.bench_eval(config, model, torch.device("cpu"), ds2.torch.autocast("cpu", enabled=False))
+    assert e["identical"] and e["turns"] == 14 and e["sorted_stop_turns_per_s"] > 0 and e["plain_turns_per_s"] > 0
+
+
+def test_shuffle_domains_writes_each_epoch_its_own_domain_order(tmp_path):
+    data = tmp_path / "data"
+    write_data_dir(data, require_shared("t5/spiece.model"))
+    meta, sp = ds2.read_meta(data)
+    config = ds2.Config(data_dir=str(data), shuffle_domains=True, max_tgt_len=128)
+    train = ds2.load_split(config, "train", meta, train=True)
+    row = next(i for i, ex in enumerate(train["examples"]) if len({s.split("-")[0] for s in ex["state"]}) > 1)
+    texts = set()
+    for epoch in range(8):
+        train["epoch"] = epoch
+        _, labels = ds2.get_batch(train, np.array([row]), config, torch.device("cpu"))
+        text = sp.decode([t for t in labels[0].tolist() if t > 1])
+        assert ds2.summary_to_state(text) == train["examples"][row]["state"], text
+        texts.add(text)
+    assert len(texts) == 2  # both orders of its two domains come up
+    _, again = ds2.get_batch(train, np.array([row]), config, torch.device("cpu"))  # epoch 7 again: the same draw
+    assert again.tolist() == labels.tolist()
+    plain = ds2.dataclasses.replace(config, shuffle_domains=False)  # off (the default): the prepared target
+    _, labels = ds2.get_batch(train, np.array([row]), plain, torch.device("cpu"))
+    assert sp.decode([t for t in labels[0].tolist() if t > 1]) == train["examples"][row]["summary"]

@@ -171,3 +171,71 @@ def test_ds2_resume_refuses_data_prepared_again(ds2_stopped, tmp_path, capsys):
 
 def test_ds2_resume_allows_what_does_not_change_the_run(ds2_stopped, tmp_path):
     assert ds2_resume(ds2_stopped, tmp_path, "--log_interval", "2", "--micro_batch_size", "2") == 0
+
+
+# ---- weight files from elsewhere are untrusted input -----------------------------------------------------------
+
+import json  # noqa: E402
+import struct  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def safetensors_file(path, header, data=b"\0" * 64, length=None):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "b": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]}}
+CRAFTED = {  # case: (header or raw bytes, data, header length to claim, what the one line must say)
+    "negative_begin": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, b"\0" * 8, None,
+                       "data_offsets [-8, 0] must be two integers 0 <= begin <= end"),
+    "past_the_end": ({"a": {"dtype": "F32", "shape": [32], "data_offsets": [0, 128]}}, b"\0" * 64, None,
+                     "data_offsets [0, 128] must be two integers 0 <= begin <= end <= 64"),
+    "overlapping": ({**GOOD, "c": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 64, None,
+                    "tensors 'a' and 'c' overlap"),
+    "no_data_offsets": ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, None, "data_offsets None must be"),
+    "float_offsets": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}}, b"\0" * 8, None,
+                      "data_offsets [0.0, 8.0] must be two integers"),
+    "header_is_a_list": ([1, 2], b"", None, "the header is a JSON list, not an object"),
+    "entry_is_a_string": ({"a": "F32"}, b"", None, "tensor 'a': its entry is str, not an object"),
+    "shape_negative": ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, b"", None,
+                       "shape [-1] is not a list of non-negative integers"),
+    "unknown_dtype": ({"a": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+                      "dtype 'F64'; only F32, F16 and BF16 are read"),
+    "size_mismatch": ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None,
+                      "byte range [0, 8) does not hold shape [3] of F32"),
+    "not_json": (b"{not json", b"", None, "the header is not JSON"),
+    "huge_header_length": (b"{}", b"", 2**40, "header length 1,099,511,627,776 does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+@pytest.mark.parametrize("module", [gs, ds2], ids=["gpt_staged", "ds2"])
+def test_crafted_safetensors_headers_are_refused_with_the_fault(tmp_path, module, case):
+    header, data, length, message = CRAFTED[case]
+    path = safetensors_file(tmp_path / "model.safetensors", header, data, length)
+    with pytest.raises(ValueError, match="model.safetensors: ") as error:
+        module.read_safetensors(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("module", [gs, ds2], ids=["gpt_staged", "ds2"])
+def test_a_valid_safetensors_file_reads_its_tensors(tmp_path, module):
+    data = torch.arange(4, dtype=torch.float32).numpy().tobytes() + torch.ones(4, dtype=torch.float16).numpy().tobytes()
+    tensors = module.read_safetensors(safetensors_file(tmp_path / "m.safetensors", {**GOOD, "__metadata__": {}},
+                                                       data + b"\0" * 40))
+    assert tensors["a"].tolist() == [[0, 1], [2, 3]] and tensors["b"].dtype == torch.float16
+
+
+def test_a_crafted_weight_file_ends_gpt_staged_with_one_line(tmp_path, capsys):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"n_positions": 64, "vocab_size": 128, "n_layer": 1,
+                                                    "n_head": 2, "n_embd": 32}))
+    safetensors_file(folder / "model.safetensors", CRAFTED["negative_begin"][0], b"\0" * 8)
+    assert gs.main(["sample", "--init_from", str(folder), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "data_offsets [-8, 0]" in err
