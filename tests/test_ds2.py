@@ -222,7 +222,7 @@ def test_safetensors_reader_reads_f32_f16_bf16_and_rejects_a_cut_file(tmp_path):
     assert all(torch.equal(read[k], v) and read[k].dtype == v.dtype for k, v in tensors.items())
     data = (tmp_path / "x.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-10])
-    with pytest.raises(ValueError, match="data_offsets \[56, 66\] must be two integers 0 <= begin <= end <= 56"):
+    with pytest.raises(ValueError, match=r"data_offsets \[56, 66\] must be two integers 0 <= begin <= end <= 56"):
         ds2.read_safetensors(tmp_path / "cut.safetensors")
 
 
