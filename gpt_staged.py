@@ -132,7 +132,10 @@ class Config:
     top_k: int = 0                  # sample among the k most likely tokens; 0 = all
     text_file: str = ""             # ppl: any UTF-8 text, tokenized on the fly
     # report command: named runs one after another, then a table and a plot
-    runs: str = "baseline,baseline_seed2,exp1,exp2,reshape,recycle,two_stage,linear"
+    runs: str = "baseline,exp1,exp2,recycle"  # also: reshape, two_stage, linear, tokens_lr (see report_runs)
+    seeds: int = 3                  # each run with seeds seed .. seed + seeds - 1, paired across runs (same initial
+                                    # weights and data order for the same seed)
+    report_jobs: int = 1            # runs trained at once (independent processes; with 2, one thread each)
     report_only: bool = False       # rebuild report.md and val_loss.png from the runs' files, train nothing
     # bench command (random tokens, no data needed): timings per context, variant and decoding mode
     bench_steps: int = 2            # timed steps per variant and context in each round
@@ -221,7 +224,7 @@ def validate(config, world_size=1):
     c = config
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "micro_batch_size",
                 "eval_interval", "eval_samples", "log_interval", "length_step", "max_new_tokens", "bench_steps",
-                "bench_repeats"):
+                "bench_repeats", "seeds", "report_jobs"):
         if getattr(c, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(c, key)}")
     for key in ("max_iters", "warmup_iters", "gradient_accumulation_steps", "stop_step", "num_samples",
@@ -1461,71 +1464,190 @@ def report_runs(config, names=()):
 
 
 REPORT_KEYS = ("stage_frac", "stages", "match_tokens", "recycle", "length_warmup", "stage_mode", "lr_decay_by", "seed",
-               "out_dir", "run_name", "runs", "report_only", "resume")
+               "out_dir", "run_name", "runs", "report_only", "resume", "seeds", "report_jobs")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def report(config):
-    """Train each of --runs as a subprocess in out_dir/NAME (a finished run is kept, an interrupted one resumed),
-    then write out_dir/report.md and out_dir/val_loss.png."""
-    names = [n for n in config.runs.split(",") if n]
+def report_jobs(config, names):
+    """(name, run folder name, overrides) of every run of the report: each named run once per seed, the k-th seed
+    in folder NAME_seedk (NAME for the first): runs of the same seed start from the same weights and data order."""
     known = report_runs(config, names)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"--runs: unknown run(s) {unknown} (known: {', '.join(known)})")
+    jobs = []
+    for k in range(1, config.seeds + 1):
+        for name in names:
+            overrides = dict(known[name][1])
+            overrides["seed"] = overrides.get("seed", config.seed) + k - 1
+            jobs.append((name, name if k == 1 else f"{name}_seed{k}", overrides))
+    return known, jobs
+
+
+def report(config):
+    """Train each of --runs over --seeds as subprocesses in out_dir/NAME[_seedk] (--report_jobs at a time; a
+    finished run is kept, an interrupted one resumed), time a step of every shape the runs use (interleaved), then
+    write out_dir/report.md and out_dir/val_loss.png."""
+    names = [n for n in config.runs.split(",") if n]
+    known, jobs = report_jobs(config, names)
     out_dir = Path(config.out_dir)
     defaults = Config()
     shared = [f"--{k}={v}" for k, v in asdict(config).items() if k not in REPORT_KEYS and v != getattr(defaults, k)]
-    started = time.time()
-    for i, name in enumerate(names if not config.report_only else []):
-        run_dir = out_dir / name
-        if (run_dir / "results.jsonl").is_file():
-            print(f"report: {name} finished earlier, kept")
-            continue
-        overrides = dict(known[name][1], seed=known[name][1].get("seed", config.seed))
-        command = [sys.executable, str(Path(__file__).resolve()), "train", *shared, f"--out_dir={run_dir}",
-                   f"--run_name={name}", *(f"--{k}={v}" for k, v in overrides.items()),
-                   *(["--resume"] if (run_dir / "ckpt.pt").is_file() else [])]
-        print(f"report: run {i + 1}/{len(names)} {name} ({known[name][0]}), log {run_dir / 'train.log'} | "
-              f"{time.time() - started:,.0f} s so far", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "train.log", "a") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
-        if code:
-            raise ValueError(f"report: run {name} failed (exit {code}); see {run_dir / 'train.log'}, then re-run "
-                             f"the report: finished runs are kept")
-    table = write_report(out_dir, names, {n: known[n][0] for n in names})
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if config.report_jobs > 1 else {})}
+    todo = [job for job in jobs if not (out_dir / job[1] / "results.jsonl").is_file()] if not config.report_only else []
+    started, running, done = time.time(), [], len(jobs) - len(todo)
+    while todo or running:
+        while todo and len(running) < config.report_jobs:
+            name, folder, overrides = todo.pop(0)
+            run_dir = out_dir / folder
+            command = [sys.executable, str(Path(__file__).resolve()), "train", *shared, f"--out_dir={run_dir}",
+                       f"--run_name={folder}", *(f"--{k}={v}" for k, v in overrides.items()),
+                       *(["--resume"] if (run_dir / "ckpt.pt").is_file() else [])]
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / "train.log", "a")
+            running.append((folder, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            print(f"report: started {folder} ({known[name][0]}, seed {overrides['seed']}), log {run_dir / 'train.log'}"
+                  f" | {done}/{len(jobs)} done, {time.time() - started:,.0f} s", flush=True)
+        time.sleep(0.2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            folder, process, log = item
+            running.remove(item)
+            log.close()
+            done += 1
+            if process.returncode:
+                for _, other, other_log in running:
+                    other.terminate()
+                    other.wait()
+                    other_log.close()
+                raise ValueError(f"report: run {folder} failed (exit {process.returncode}); see "
+                                 f"{out_dir / folder / 'train.log'}, then re-run the report: finished runs are kept")
+    table = write_report(out_dir, config, names, {n: known[n][0] for n in names})
     print(table)
 
 
-def write_report(out_dir, names, descriptions=None):
-    """report.md from each run's results.jsonl (its last row), val_loss.png from each run's log.jsonl."""
+def mean_sd(values):
+    mean = sum(values) / len(values)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
+def interval(values):
+    """mean, sd and the half-width of a 95% confidence interval (Student's t, n - 1 degrees of freedom)."""
+    mean, sd = mean_sd(values)
+    n = len(values)
+    return mean, sd, (T_975.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else math.inf)
+
+
+def step_times(config, shapes):
+    """Median seconds of one training step per (sequences, context) shape, the shapes interleaved in every round
+    (round 0 warms up), on random tokens, at the report's model and batch settings: a shared machine's drift hits
+    them all alike, and no wall clock of a run enters a figure."""
+    _, _, device = setup_device(config)
+    accum = validate(config)
+    dtype = pick_dtype(config, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig(**{k: getattr(config, k) for k in MODEL_KEYS})).to(device)
+    optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                           device.type, config.decay_wpe)
+    times = {shape: [] for shape in shapes}
+    for rnd in range(config.bench_repeats + 1):
+        for sequences, context in shapes:
+            n, micro_steps = pack_micro_batches(config.micro_batch_size, accum, context, config.block_size)
+            n = n * sequences // config.batch_size  # reshaped rows: more, shorter sequences
+            batch = tuple(torch.randint(config.vocab_size, (n, context), device=device) for _ in "xy")
+            for _ in range(config.bench_steps):
+                t = sum(time_step(model, optimizer, scaler, batch, micro_steps, autocast, config, device))
+                if rnd:
+                    times[(sequences, context)].append(t)
+    return {shape: float(np.median(ts)) for shape, ts in times.items()}
+
+
+def modeled_seconds(plan, seconds):
+    """A run's training time from the measured step time of each of its stages' shapes."""
+    return sum(stage.steps * seconds[stage_shape(plan, stage)] for stage in plan.stages)
+
+
+def stage_shape(plan, stage):
+    rows = plan.block_size // stage.context if stage.reshape else 1
+    return plan.batch_size * rows, stage.context
+
+
+def duration(seconds):
+    """Seconds in the unit that fits: '2.41 h', '13.2 min', '45.0 s'."""
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 \
+        else f"{seconds:.1f} s"
+
+
+def write_report(out_dir, config, names, descriptions=None):
+    """report.md from every run's results.jsonl: per configuration the mean +- sd over seeds, the paired
+    difference to the baseline (same seed) with its sd and 95% interval, tokens seen and the training time
+    modeled from measured step times; val_loss.png from the runs' log.jsonl."""
+    known, jobs = report_jobs(config, names)
     results = {}
-    for name in names:
-        path = out_dir / name / "results.jsonl"
+    for name, folder, _ in jobs:
+        path = out_dir / folder / "results.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run {name} has not finished; run the report without "
+            raise FileNotFoundError(f"{path} not found: run {folder} has not finished; run the report without "
                                     f"--report_only, or drop {name} from --runs")
-        results[name] = json.loads(path.read_text().splitlines()[-1])
-    extra = all("extra_val_ppl" in r for r in results.values())
-    extra_name = Path(next(iter(results.values()))["config"]["extra_val"]).parent.name if extra else ""
-    lines = ["| Model/Experiment | Validation PPL | " + (f"{extra_name} PPL | " if extra else "")
-             + "Training Time (hrs) | Tokens Seen (M) | Tokens/s |",
-             "|---|---|" + ("---|" if extra else "") + "---|---|---|"]
-    for name, r in results.items():
+        results.setdefault(name, []).append(json.loads(path.read_text().splitlines()[-1]))
+    timing_path = out_dir / "step_times.json"
+    shapes = sorted({stage_shape(plan_of(r), s) for rs in results.values() for r in rs for s in plan_of(r).stages})
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    if sorted(tuple(t["shape"]) for t in timing.get("steps", [])) != shapes:
+        measured = step_times(config, shapes)
+        timing = {"threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
+                  "steps": [{"shape": list(k), "seconds": v} for k, v in measured.items()]}
+        write_text_atomic(timing_path, json.dumps(timing, indent=1) + "\n")
+    seconds = {tuple(t["shape"]): t["seconds"] for t in timing["steps"]}
+    base = results.get("baseline")
+    n = len(next(iter(results.values())))
+    lines = [f"Validation PPL over {n} seed(s) (mean +- sd); the difference to the baseline is paired by seed (same "
+             f"initial weights and data order), with its 95% interval (Student's t). Each PPL is scored on "
+             f"{results[names[0]][0].get('val_samples') or '?'} validation samples. Training time: the runs' plans "
+             f"times the median step time of each shape, measured interleaved ({timing['threads']} thread(s), load "
+             f"average {timing['loadavg'][0]:.2f}).", "",
+             "| run | val PPL | vs baseline (PPL) | vs baseline (%) | training time | time vs baseline | tokens seen |",
+             "|---|---|---|---|---|---|---|"]
+    base_time = modeled_seconds(plan_of(base[0]), seconds) if base else None
+    summary = {}
+    for name, rs in results.items():
+        ppl_mean, ppl_sd = mean_sd([r["val_ppl"] for r in rs])
+        time_s = modeled_seconds(plan_of(rs[0]), seconds)
+        row = dict(ppl_mean=ppl_mean, ppl_sd=ppl_sd, seconds=time_s, tokens=rs[0]["tokens_seen"],
+                   ppl=[r["val_ppl"] for r in rs], seeds=[r["config"]["seed"] for r in rs])
+        diff = pct = "-"
+        if base and name != "baseline":
+            d = [r["val_ppl"] - b["val_ppl"] for r, b in zip(rs, base)]
+            p = [100 * (r["val_ppl"] / b["val_ppl"] - 1) for r, b in zip(rs, base)]
+            row["diff"], row["pct"] = interval(d), interval(p)
+            diff = "{:+.3f} +- {:.3f} [{:+.3f}, {:+.3f}]".format(row["diff"][0], row["diff"][1],
+                                                                  row["diff"][0] - row["diff"][2],
+                                                                  row["diff"][0] + row["diff"][2])
+            pct = "{:+.2f}% [{:+.2f}, {:+.2f}]".format(row["pct"][0], row["pct"][0] - row["pct"][2],
+                                                       row["pct"][0] + row["pct"][2])
+        saved = f"{100 * (time_s / base_time - 1):+.1f}%" if base_time else "-"
         what = f" ({descriptions[name]})" if descriptions and name in descriptions else ""
-        lines.append(f"| {name}{what} | {r['val_ppl']:.3f} | " + (f"{r['extra_val_ppl']:.3f} | " if extra else "")
-                     + f"{r['train_time_s'] / 3600:.3f} | {r['tokens_seen'] / 1e6:.3f} | {r['tokens_per_s']:,.0f} |")
-    seeds = [results[n]["val_ppl"] for n in ("baseline", "baseline_seed2") if n in results]
-    if len(seeds) == 2:
-        lines.append(f"\nSeed-to-seed noise (baseline vs baseline_seed2): {abs(seeds[0] - seeds[1]):.3f} PPL.")
+        lines.append(f"| {name}{what} | {ppl_mean:.3f} +- {ppl_sd:.3f} | {diff} | {pct} | {duration(time_s)} | "
+                     f"{saved} | {human(rs[0]['tokens_seen'])} |")
+        summary[name] = row
     table = "\n".join(lines) + "\n"
     write_text_atomic(out_dir / "report.md", table)
-    plot_val_loss(out_dir, names, extra_name)
+    write_text_atomic(out_dir / "report.json", json.dumps({"runs": summary, "timing": timing}, indent=1) + "\n")
+    plot_val_loss(out_dir, {name: [folder for n, folder, _ in jobs if n == name] for name in names})
     return table
 
 
-def plot_val_loss(out_dir, names, extra_name=""):
-    """Validation loss against tokens seen, one line per run, like the seed's figure (needs matplotlib)."""
+def plan_of(result):
+    """The plan of a finished run, from its results row's config."""
+    c = Config(**{k: v for k, v in result["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+    steps = c.max_iters or result["total_steps"]
+    return plan_for(dataclasses.replace(c, max_iters=steps), steps * c.batch_size)
+
+
+def plot_val_loss(out_dir, runs):
+    """Validation loss against tokens seen, like the report's figure: per configuration the mean over its seeds
+    (runs: name -> run folders) and a band from the lowest to the highest seed (needs matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1533,16 +1655,20 @@ def plot_val_loss(out_dir, names, extra_name=""):
     except ImportError:
         print("report: matplotlib is not installed, so no val_loss.png (pip install matplotlib); report.md is written")
         return
-    keys = [("val_loss", "validation loss (val.bin)")] + ([("extra_val_loss", f"{extra_name} loss")]
-                                                          if extra_name else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
-    for name in names:
-        rows = [json.loads(line) for line in (out_dir / name / "log.jsonl").read_text().splitlines()]
-        for ax, (key, title) in zip(axes[0], keys):
-            points = [(r["tokens"] / 1e6, r[key]) for r in rows if key in r and r["tokens"]]  # step 0: ln(vocab)
-            ax.plot(*zip(*points), marker=".", label=name)
-            ax.set(xlabel="tokens seen (M)", ylabel=title)
-    axes[0][0].legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for name, folders in runs.items():
+        curves = []
+        for folder in folders:
+            rows = [json.loads(line) for line in (out_dir / folder / "log.jsonl").read_text().splitlines()]
+            curves.append({r["tokens"]: r["val_loss"] for r in rows if "val_loss" in r and r["tokens"]})
+        tokens = sorted(set.intersection(*(set(c) for c in curves)))  # step 0 (ln vocab) left out
+        values = np.array([[c[t] for t in tokens] for c in curves])
+        x = np.array(tokens) / 1e6
+        line, = ax.plot(x, values.mean(axis=0), marker=".", label=f"{name} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="tokens seen (M)", ylabel="validation loss (mean over seeds; band: min..max)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = out_dir / "val_loss.tmp.png"
     fig.savefig(tmp, dpi=80)

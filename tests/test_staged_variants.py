@@ -170,34 +170,67 @@ def test_sample_command_decodes_greedily_from_a_checkpoint(tmp_path, capsys):
 
 # ---- the report ------------------------------------------------------------------------------------------------
 
-def write_run(folder, run, val_ppl, extra_ppl, tokens, seconds):
+def write_run(folder, val_ppl, **config):
+    """The files a finished smoke run leaves: results.jsonl (with its config) and log.jsonl."""
     folder.mkdir(parents=True)
-    evals = [{"step": 0, "val_loss": 10.8, "extra_val_loss": 10.9, "tokens": 0},
-             {"step": 10, "val_loss": math.log(val_ppl), "extra_val_loss": math.log(extra_ppl), "tokens": tokens}]
+    c = gs.Config(**{**gs.PRESETS["smoke"], "vocab_size": 128, "max_iters": 12, **config})
+    plan = gs.plan_for(c, 12 * c.batch_size)
+    evals = [{"step": 0, "val_loss": 4.8, "tokens": 0},
+             {"step": 12, "val_loss": math.log(val_ppl), "tokens": plan.tokens_seen}]
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
-    result = {"run": run, "val_ppl": val_ppl, "extra_val_ppl": extra_ppl, "tokens_seen": tokens,
-              "train_time_s": seconds, "tokens_per_s": tokens / seconds,
-              "config": {"extra_val": "data/wikitext2/val.bin"}}
+    result = {"run": folder.name, "val_ppl": val_ppl, "val_samples": 8, "tokens_seen": plan.tokens_seen,
+              "total_steps": plan.total_steps, "train_time_s": 999.0, "config": dataclasses.asdict(c)}
     (folder / "results.jsonl").write_text(json.dumps(result) + "\n")
 
 
-def test_report_builds_its_table_from_the_runs_results_files(tmp_path, capsys):
-    write_run(tmp_path / "baseline", "baseline", 120.5, 300.25, 409_600, 360.0)
-    write_run(tmp_path / "baseline_seed2", "baseline_seed2", 121.0, 301.0, 409_600, 372.0)
-    write_run(tmp_path / "exp1", "exp1", 125.125, 310.0, 320_000, 300.0)
-    assert gs.main(["report", "--report_only", "--runs", "baseline,baseline_seed2,exp1", "--out_dir",
-                    str(tmp_path)]) == 0
+def test_report_pairs_runs_by_seed_and_gives_the_difference_with_its_interval(tmp_path, monkeypatch, capsys):
+    write_run(tmp_path / "baseline", 100.0)
+    write_run(tmp_path / "baseline_seed2", 102.0, seed=1338)
+    write_run(tmp_path / "exp1", 101.0, stage_frac=0.25)
+    write_run(tmp_path / "exp1_seed2", 104.0, stage_frac=0.25, seed=1338)
+    # measured step times, fixed here: 0.1 s at context 16, 0.4 s at 64 (8 sequences each)
+    monkeypatch.setattr(gs, "step_times", lambda config, shapes: {(8, 16): 0.1, (8, 64): 0.4})
+    assert gs.main(["report", "--report_only", "--preset", "smoke", "--vocab_size", "128", "--runs", "baseline,exp1",
+                    "--seeds", "2", "--out_dir", str(tmp_path)]) == 0
     table = (tmp_path / "report.md").read_text()
-    assert "| Model/Experiment | Validation PPL | wikitext2 PPL | Training Time (hrs) | Tokens Seen (M) | Tokens/s |" \
-        in table
-    assert "| baseline (full context all the way) | 120.500 | 300.250 | 0.100 | 0.410 | 1,138 |" in table
-    assert "| exp1 (seed Exp 1: 25% of steps at ctx 128) | 125.125 | 310.000 | 0.083 | 0.320 | 1,067 |" in table
-    assert "Seed-to-seed noise (baseline vs baseline_seed2): 0.500 PPL." in table
+    # baseline 100, 102; exp1 101, 104: paired differences 1 and 2: mean 1.5, sd 0.707, 95% half-width
+    # t(0.975, 1 df) 12.706 x 0.707 / sqrt(2) = 6.353; in %: 1.0 and 1.961, mean 1.480
+    assert "| baseline (full context all the way) | 101.000 +- 1.414 | - | - | 4.8 s | +0.0% | 6,144 |" in table
+    assert "| exp1 (seed Exp 1: 25% of steps at ctx 16) | 102.500 +- 2.121 | +1.500 +- 0.707 [-4.853, +7.853] | " \
+           "+1.48% [" in table
+    assert "| 3.9 s | -18.8% | 4,992 |" in table  # 3 steps x 0.1 s + 9 x 0.4 s, against 12 x 0.4 s
+    assert "over 2 seed(s)" in table and "scored on 8 validation samples" in table
+    summary = json.loads((tmp_path / "report.json").read_text())["runs"]
+    assert summary["exp1"]["seeds"] == [1337, 1338] and summary["exp1"]["diff"][0] == pytest.approx(1.5)
     try:
         import matplotlib  # noqa: F401 -- optional: the plot needs it, the table never does
         assert (tmp_path / "val_loss.png").stat().st_size > 1000
     except ImportError:
         assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_report_jobs_run_every_configuration_once_per_seed():
+    _, jobs = gs.report_jobs(gs.Config(seed=7, seeds=3), ["baseline", "exp2"])
+    assert [(folder, overrides["seed"]) for _, folder, overrides in jobs] == [
+        ("baseline", 7), ("exp2", 7), ("baseline_seed2", 8), ("exp2_seed2", 8), ("baseline_seed3", 9),
+        ("exp2_seed3", 9)]
+    assert jobs[1][2]["match_tokens"] and jobs[1][2]["stage_frac"] == 0.25
+
+
+@pytest.mark.slow
+def test_report_trains_its_runs_two_at_a_time_and_writes_the_table(tmp_path):
+    from test_gpt_staged import make_bins
+    make_bins(tmp_path / "data")
+    code = gs.main(["report", "--preset", "smoke", "--vocab_size", "128", "--data_dir", str(tmp_path / "data"),
+                    "--max_iters", "8", "--eval_interval", "4", "--runs", "baseline,exp2", "--seeds", "2",
+                    "--report_jobs", "2", "--bench_repeats", "1", "--bench_steps", "1", "--out_dir",
+                    str(tmp_path / "report")])
+    assert code == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert table.count("+- ") >= 3 and "| exp2 (" in table
+    for folder in ("baseline", "exp2", "baseline_seed2", "exp2_seed2"):
+        rows = [json.loads(line) for line in (tmp_path / "report" / folder / "log.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == (8 if folder.startswith("baseline") else 10)  # exp2: 2 extra steps
 
 
 def test_report_runs_another_seed_of_any_named_run():
@@ -207,6 +240,7 @@ def test_report_runs_another_seed_of_any_named_run():
 
 
 def test_report_names_a_run_that_has_not_finished(tmp_path, capsys):
-    write_run(tmp_path / "baseline", "baseline", 120.5, 300.25, 409_600, 360.0)
-    assert gs.main(["report", "--report_only", "--runs", "baseline,exp2", "--out_dir", str(tmp_path)]) == 2
+    write_run(tmp_path / "baseline", 100.0)
+    assert gs.main(["report", "--report_only", "--runs", "baseline,exp2", "--seeds", "1", "--out_dir",
+                    str(tmp_path)]) == 2
     assert "exp2/results.jsonl not found: run exp2 has not finished" in capsys.readouterr().err
