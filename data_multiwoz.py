@@ -417,12 +417,13 @@ def carve_train_from_dev(dev: list, fraction: float, seed: int):
 # Few-shot, cross-domain and multi-domain subsets (ds2.py calls this on the examples of a split's .jsonl)
 
 def select_examples(examples: list, fewshot: float = 1.0, seed: int = 0, except_domain: str = "",
-                    only_domain: str = "", dialogue_filter: str = "max") -> list:
+                    only_domain: str = "", dialogue_filter: str = "min") -> list:
     """Indices of the examples to use, ascending.
 
     only_domain X: dialogues whose domains contain X (the caller evaluates X's slots only; DS2 keeps the full state
-        as the target). except_domain X: dialogues without X ("max", DS2.md; DS2's code default "min" drops only the
-        dialogues whose sole domain is X) and, in either case, no turn whose state has an X slot.
+        as the target). except_domain X: dialogue_filter "min" (DS2's code default, ds2/configs/config.py:29 used at
+        data_loader.py:81-84) drops only the dialogues whose sole goal domain is X; "max" drops every dialogue with
+        X among its goal domains. Either way no turn whose state has an X slot is kept (data_loader.py:101).
     fewshot r < 1: int(N x r) whole dialogues sampled with `seed` from the N left by the domain filter
         (DS2: 1% / 5% / 10%), all their turns kept. Multi-domain few-shot = no domain filter.
     """

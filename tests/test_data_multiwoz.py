@@ -329,10 +329,11 @@ def test_fewshot_is_deterministic_by_seed():
 
 def test_except_domain_keeps_dialogues_without_it():
     examples = synthetic_examples()
-    chosen = dm.select_examples(examples, except_domain="hotel")
+    chosen = dm.select_examples(examples, except_domain="hotel", dialogue_filter="max")
     assert chosen and all("hotel" not in examples[i]["domains"] for i in chosen)
     assert chosen == [i for i, ex in enumerate(examples) if "hotel" not in ex["domains"]]
-    loose = dm.select_examples(examples, except_domain="hotel", dialogue_filter="min")  # DS2 code's default
+    loose = dm.select_examples(examples, except_domain="hotel")  # "min", DS2's code default (config.py:29)
+    assert loose == dm.select_examples(examples, except_domain="hotel", dialogue_filter="min")
     assert set(chosen) < set(loose)
     assert all(not any(s.startswith("hotel-") for s in examples[i]["state"]) for i in loose)
     assert all(examples[i]["domains"] != ["hotel"] for i in loose)

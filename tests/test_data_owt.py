@@ -1,11 +1,13 @@
 """data_owt.py: token bins that decode back to the documents, a split that is a pure function of
-(seed, document id), and no output that looks complete unless it is."""
+(seed, document bytes), OpenWebText2's monthly .jsonl.zst files with the seed's date cut-off, workers that read
+their own share, and no output that looks complete unless it is."""
 import errno
 import hashlib
 import io
 import json
 import lzma
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require_shared
+from conftest import require_module, require_shared
 
 import data_owt
 
@@ -33,6 +35,16 @@ def run(*args, env=None, timeout=120):
                           text=True, timeout=timeout, env=env)
 
 
+def prep(capsys, *args):
+    """data_owt.py run in this process, with one process unless told (fast: no interpreter start-up); returns
+    what run() does."""
+    args = [str(a) for a in args] + ([] if "--num_proc" in args else ["--num_proc", "1"])
+    capsys.readouterr()
+    code = data_owt.main(args)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def bpe_dir():
     return require_shared("gpt2_bpe")
 
@@ -43,6 +55,38 @@ def reference_encoding(monkeypatch):
     import tiktoken
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(require_shared("gpt2_bpe/tiktoken_cache")))
     return tiktoken.get_encoding("gpt2")
+
+
+def lf(text):
+    """A document as data_owt.py writes it by default (--newlines lf): CRLF and lone CR become LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def zst(data):
+    return require_module("zstandard").ZstdCompressor().compress(data)
+
+
+def owt2_month(records):
+    """Bytes of one OpenWebText2 file (YYYY-MM.jsonl.zst): lm_dataformat's {"text", "meta"} lines, zstd; the first
+    line in a frame of its own, as an archive committed twice would be (a reader must go on across frames)."""
+    lines = [(json.dumps({"text": text, "meta": meta}) + "\n").encode() for text, meta in records]
+    return zst(lines[0]) + (zst(b"".join(lines[1:])) if lines[1:] else b"")
+
+
+OWT2_MONTHS = {  # dates on both sides of the seed's cut-off (OWT ends 2017-12)
+    "2017-11": [("November 2017 page, inside OpenWebText's time.", {"title": "a"})],
+    "2017-12": [("December 2017 page, the last OpenWebText month.", {"title": "b"})],
+    "2018-01": [("January 2018 page, after OpenWebText.", {"title": "c"}),
+                ("Second January 2018 page \u2014 with CRLF\r\nline.", {"title": "d"})],
+    "2020-04": [("April 2020 page, the last OpenWebText2 month.", {"title": "e", "reddit_scores": [3]})],
+}
+
+
+def write_owt2_tar(path, months=OWT2_MONTHS):
+    """An OpenWebText2-shaped release: an uncompressed tar of monthly YYYY-MM.jsonl.zst files. Returns
+    [(doc id, text, month)] in file order."""
+    write_tar(path, {f"{m}.jsonl.zst": owt2_month(r) for m, r in months.items()}, "w")
+    return [(f"{path.name}/{m}.jsonl.zst:{k}", t, m) for m, r in months.items() for k, (t, _) in enumerate(r, 1)]
 
 
 def read_docs(path, encoding):
@@ -85,8 +129,8 @@ def make_corpus(root):
     (folder / "a.txt").write_bytes(texts["a.txt"].encode())
     (folder / "c.xz").write_bytes(lzma.compress("xz-compressed plain text document.".encode()))
     (folder / "sub/b.txt").write_bytes(texts["sub/b.txt"].encode())
-    docs += [("docs/a.txt", texts["a.txt"]), ("docs/c.xz", "xz-compressed plain text document."),
-             ("docs/sub/b.txt", texts["sub/b.txt"])]
+    docs += [("a.txt", texts["a.txt"]), ("c.xz", "xz-compressed plain text document."),
+             ("sub/b.txt", texts["sub/b.txt"])]
     lines = ["The literal text <|endoftext|> stays text.", "\u65e5\u672c\u8a9e and emoji \U0001f600", "third"]
     (root / "web.jsonl").write_text(json.dumps({"text": lines[0]}) + "\n\n" + json.dumps({"text": lines[1]}) +
                                     "\n" + json.dumps({"text": lines[2], "url": "x"}) + "\n")
@@ -105,17 +149,30 @@ def make_corpus(root):
     books = {"b1.txt": "First book of a .tar.gz.", "b2.txt": "Second book."}
     write_tar(root / "books.tar.gz", {n: t.encode() for n, t in books.items()}, "w:gz")
     docs += [(f"books.tar.gz/{n}", t) for n, t in books.items()]
+    docs += [(i, t) for i, t, _ in write_owt2_tar(root / "openwebtext2.jsonl.zst.tar")]
     return [folder, root / "web.jsonl", root / "openwebtext.tar.xz", root / "urlsf_subset01.tar",
-            root / "books.tar.gz"], docs
+            root / "books.tar.gz", root / "openwebtext2.jsonl.zst.tar"], docs
 
 
-def check_round_trip(out_dir, docs, encoding):
+def check_round_trip(out_dir, docs, encoding, newlines=lf):
     meta = json.loads((out_dir / "meta.json").read_text())
     val_ids = set(meta["val_document_ids"])
     assert val_ids <= {doc_id for doc_id, _ in docs}
-    assert read_docs(out_dir / "train.bin", encoding) == [t for i, t in docs if i not in val_ids]
-    assert read_docs(out_dir / "val.bin", encoding) == [t for i, t in docs if i in val_ids]
+    assert read_docs(out_dir / "train.bin", encoding) == [newlines(t) for i, t in docs if i not in val_ids]
+    assert read_docs(out_dir / "val.bin", encoding) == [newlines(t) for i, t in docs if i in val_ids]
     return meta
+
+
+def children_of(pid):
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid):
+    """A process that runs (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def free_port():
@@ -162,7 +219,7 @@ def test_round_trip_every_input_kind_including_owt_nested_tars(tmp_path, referen
                  "--num_proc", 1)
     assert result.returncode == 0, result.stderr
     meta = check_round_trip(tmp_path / "out", docs, reference_encoding)
-    assert meta["train_documents"] + meta["val_documents"] == len(docs) == 21
+    assert meta["train_documents"] + meta["val_documents"] == len(docs) == 26
     assert meta["train_documents"] > 0 and meta["val_documents"] > 0
     assert "ignoring 1 files" in result.stdout  # docs/notes.md
 
@@ -175,6 +232,7 @@ def test_round_trip_three_real_gutenberg_books(tmp_path, reference_encoding):
                  "--batch_bytes", 50_000)
     assert result.returncode == 0, result.stderr
     docs = [(book.name, book.read_bytes().decode("utf-8")) for book in books]
+    assert "\r\n" in docs[2][1]
     meta = check_round_trip(tmp_path / "out", docs, reference_encoding)
     # 0.05% of 3 documents rounds to none; with >= 2 documents one still goes to validation
     assert (meta["train_documents"], meta["val_documents"]) == (2, 1)
@@ -193,12 +251,34 @@ def test_strip_gutenberg_keeps_the_text_between_start_and_end_markers():
 
 
 # ----------------------------------------------------------------------------- the split
-def test_split_is_a_hash_of_seed_and_document_id_with_nanogpt_share():
-    ids = [f"urlsf_subset{i % 21:02d}.tar/doc{i}.txt" for i in range(200_000)]
-    val = [i for i in ids if data_owt.split_value(2357, i) < 0.0005]
+def test_split_is_a_hash_of_seed_and_document_bytes_with_nanogpt_share():
+    docs = [f"web page number {i}".encode() for i in range(200_000)]
+    val = [d for d in docs if data_owt.split_value(2357, d) < 0.0005]
     assert abs(len(val) - 100) < 4 * 10  # binomial(200k, 0.0005): mean 100, sd 10
-    assert val == [i for i in ids if data_owt.split_value(2357, i) < 0.0005]  # a pure function
-    assert val != [i for i in ids if data_owt.split_value(1, i) < 0.0005]  # the seed matters
+    assert val == [d for d in docs if data_owt.split_value(2357, d) < 0.0005]  # a pure function
+    assert val != [d for d in docs if data_owt.split_value(1, d) < 0.0005]  # the seed matters
+
+
+def test_ids_and_split_do_not_depend_on_how_the_inputs_are_named(tmp_path, capsys):
+    """--input FOLDER, --input FILE..., and the same folder renamed give the same ids, split and bins."""
+    folder = tmp_path / "subsets"
+    folder.mkdir()
+    write_owt2_tar(folder / "openwebtext2.jsonl.zst.tar")
+    owt_subset_tar(folder / "urlsf_subset00.tar", 12)
+    renamed = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(folder, renamed)
+    outs = []
+    for k, inputs in enumerate([[folder], sorted(folder.iterdir()), [renamed]]):
+        out = tmp_path / f"out{k}"
+        result = prep(capsys, "--input", *inputs, "--bpe_dir", bpe_dir(), "--out_dir", out, "--val_fraction", 0.3)
+        assert result.returncode == 0, result.stderr
+        outs.append(out)
+    metas = [json.loads((out / "meta.json").read_text()) for out in outs]
+    assert metas[0]["val_document_ids"] == metas[1]["val_document_ids"] == metas[2]["val_document_ids"]
+    for meta in metas:
+        assert [s["id"] for s in meta["sources"]] == ["openwebtext2.jsonl.zst.tar", "urlsf_subset00.tar"]
+    for name in ("train.bin", "val.bin"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes()
 
 
 def test_num_proc_1_and_2_give_byte_identical_bins(tmp_path):
@@ -368,9 +448,14 @@ def test_killed_run_leaves_no_complete_output_and_a_rerun_finishes(tmp_path, sig
     while not (out / "train.bin.tmp").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     time.sleep(0.5)  # midway: the whole folder (60 MB) takes far longer
+    workers = children_of(process.pid)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == returncode, stderr
+    deadline = time.time() + 10  # the workers end too (with kill -9, once they see their parent gone)
+    while time.time() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert len(workers) == 2 and not any(alive(pid) for pid in workers)
     assert data_owt.read_complete_meta(out) is None and not (out / "meta.json").exists()
     if sig == signal.SIGTERM:
         assert list(out.iterdir()) == [] and "interrupted" in stderr
@@ -388,22 +473,28 @@ def test_offline_download_fails_at_once_naming_input(tmp_path):
 
 
 class LocalHub:
-    """A stand-in for the Hugging Face Hub on 127.0.0.1: the tree listing (with each LFS file's sha256) and
-    one subset file served with HTTP Range support. Records the Range start of every file request."""
-    def __init__(self, data, published_sha256):
-        listing = [{"type": "file", "path": "subsets/urlsf_subset00.tar", "size": len(data),
-                    "lfs": {"oid": published_sha256, "size": len(data), "pointerSize": 134}}]
+    """A stand-in for the Hugging Face Hub on 127.0.0.1: tree listings (with each LFS file's sha256) and files
+    served with HTTP Range support. files: {(dataset, path in it): (bytes, published sha256)}. Records the Range
+    start of every file request."""
+    def __init__(self, files):
         self.ranges = ranges = []
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                if self.path == "/api/datasets/Skylion007/openwebtext/tree/main/subsets":
-                    body, status = json.dumps(listing).encode(), 200
+                for (repo, path), (data, sha) in files.items():
+                    folder = path.rpartition("/")[0]
+                    if self.path == f"/api/datasets/{repo}/tree/main" + (f"/{folder}" if folder else ""):
+                        body, status = json.dumps([{"type": "file", "path": p, "size": len(d), "lfs": {
+                            "oid": h, "size": len(d), "pointerSize": 134}} for (r, p), (d, h) in files.items()
+                            if r == repo and p.rpartition("/")[0] == folder]).encode(), 200
+                        break
+                    if self.path == f"/datasets/{repo}/resolve/main/{path}":
+                        start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+                        ranges.append(start)
+                        body, status = data[start:], 206 if start else 200
+                        break
                 else:
-                    assert self.path == "/datasets/Skylion007/openwebtext/resolve/main/subsets/urlsf_subset00.tar"
-                    start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
-                    ranges.append(start)
-                    body, status = data[start:], 206 if start else 200
+                    body, status = b"not found", 404
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -423,6 +514,10 @@ class LocalHub:
         self.server.server_close()
 
 
+OWT_SUBSET = ("Skylion007/openwebtext", "subsets/urlsf_subset00.tar")
+OWT2_FILE = ("segyges/OpenWebText2", "openwebtext2.jsonl.zst.tar")
+
+
 def owt_subset_tar(path, n_docs):
     write_tar(path, {"openwebtext/urlsf_subset00-1_data.xz": xz_tar({f"{k}.txt": f"page {k} " * 40
                                                                       for k in range(n_docs)})}, "w")
@@ -434,7 +529,7 @@ def test_download_resumes_a_partial_file_verifies_sha256_and_prepares(tmp_path):
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     (downloads / "urlsf_subset00.tar.part").write_bytes(data[:1000])  # an earlier, interrupted download
-    with LocalHub(data, hashlib.sha256(data).hexdigest()) as hub:
+    with LocalHub({OWT_SUBSET: (data, hashlib.sha256(data).hexdigest())}) as hub:
         result = run("--download", "--hub_url", hub.url, "--download_dir", downloads, "--out_dir", tmp_path / "out",
                      "--bpe_dir", bpe_dir())
     assert result.returncode == 0, result.stderr
@@ -448,8 +543,188 @@ def test_download_resumes_a_partial_file_verifies_sha256_and_prepares(tmp_path):
 
 def test_download_with_a_wrong_checksum_is_rejected_and_removed(tmp_path):
     data = owt_subset_tar(tmp_path / "payload.tar", 3)
-    with LocalHub(data, "0" * 64) as hub:
+    with LocalHub({OWT_SUBSET: (data, "0" * 64)}) as hub:
         result = run("--download", "--hub_url", hub.url, "--download_dir", tmp_path / "dl", "--out_dir",
                      tmp_path / "out", "--bpe_dir", bpe_dir())
     assert result.returncode == 2 and "sha256" in result.stderr and "run again" in result.stderr
     assert list((tmp_path / "dl").iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_offline_download_of_the_seed_corpus_fails_at_once_naming_input(tmp_path, capsys):
+    t0 = time.time()
+    result = prep(capsys, "--download", "owt+owt2", "--hub_url", f"http://127.0.0.1:{free_port()}", "--out_dir",
+                  tmp_path / "o")
+    assert time.time() - t0 < 10
+    assert result.returncode == 2 and "--input PATH" in result.stderr and "openwebtext2.jsonl.zst.tar" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_download_owt_plus_owt2_builds_the_seed_corpus_and_input_of_that_folder_gives_the_same(tmp_path, capsys):
+    owt = owt_subset_tar(tmp_path / "payload.tar", 20)
+    docs = write_owt2_tar(tmp_path / "openwebtext2.jsonl.zst.tar")
+    owt2 = (tmp_path / "openwebtext2.jsonl.zst.tar").read_bytes()
+    downloads = tmp_path / "downloads"
+    with LocalHub({OWT_SUBSET: (owt, hashlib.sha256(owt).hexdigest()),
+                   OWT2_FILE: (owt2, hashlib.sha256(owt2).hexdigest())}) as hub:
+        result = prep(capsys, "--download", "owt+owt2", "--hub_url", hub.url, "--download_dir", downloads, "--out_dir",
+                     tmp_path / "out", "--bpe_dir", bpe_dir(), "--val_fraction", 0.2)
+    assert result.returncode == 0, result.stderr
+    assert "download openwebtext2.jsonl.zst.tar: " in result.stdout  # the same progress lines as OWT's
+    assert (downloads / "openwebtext2.jsonl.zst.tar").read_bytes() == owt2
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["corpus"] == "openwebtext1+2" and meta["settings"]["after"] == "2017-12"
+    assert [d["corpus"] for d in meta["downloads"]] == ["openwebtext", "openwebtext2"]  # in --download's order
+    owt2_stats, owt_stats = meta["corpora"]  # in file name order, as a folder lists them
+    assert (owt_stats["name"], owt_stats["documents"], owt_stats["first_month"]) == ("openwebtext", 20, None)
+    kept = [(i, t) for i, t, month in docs if month > "2017-12"]
+    assert (owt2_stats["name"], owt2_stats["documents"], owt2_stats["files_before_cutoff"]) == (
+        "openwebtext2", len(kept), 2) and len(kept) == 3
+    assert (owt2_stats["first_month"], owt2_stats["last_month"]) == ("2018-01", "2020-04")
+    assert owt_stats["tokens"] + owt2_stats["tokens"] == meta["train_tokens"] + meta["val_tokens"]
+    owt2_ids = {i for i, _ in kept}
+    assert {i for i in meta["val_document_ids"] if i.startswith("openwebtext2")} <= owt2_ids
+    # the same folder as --input, with the cut-off given by hand: the same ids, split and bins
+    again = prep(capsys, "--input", downloads, "--after", "2017-12", "--out_dir", tmp_path / "again", "--bpe_dir",
+                 bpe_dir(), "--val_fraction", 0.2)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again" / "meta.json").read_text())["val_document_ids"] == meta["val_document_ids"]
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------- OpenWebText2
+def test_owt2_months_up_to_the_cutoff_are_left_out_unread(tmp_path, reference_encoding, capsys):
+    months = dict(OWT2_MONTHS)
+    docs = write_owt2_tar(tmp_path / "owt2.tar", months)
+    with tarfile.open(tmp_path / "owt2.tar", "a") as tar:  # a month before the cut-off that cannot be read at all
+        info = tarfile.TarInfo("2016-05.jsonl.zst")
+        info.size = 9
+        tar.addfile(info, io.BytesIO(b"not zstd!"))
+    result = run("--input", tmp_path / "owt2.tar", "--after", "2017-12", "--bpe_dir", bpe_dir(), "--out_dir",
+                 tmp_path / "out", "--val_fraction", 0.3, "--num_proc", 2)
+    assert result.returncode == 0, result.stderr
+    kept = [(i, t) for i, t, month in docs if month > "2017-12"]
+    meta = check_round_trip(tmp_path / "out", kept, reference_encoding)
+    assert meta["skipped"] == {}  # 2016-05 was never opened: not even counted as unreadable
+    (corpus,) = meta["corpora"]
+    assert (corpus["documents"], corpus["files_before_cutoff"], corpus["first_month"], corpus["last_month"]) == (
+        3, 3, "2018-01", "2020-04")
+    assert "3 monthly files up to 2017-12 left out" in result.stdout
+    everything = prep(capsys, "--input", tmp_path / "owt2.tar", "--bpe_dir", bpe_dir(), "--out_dir", tmp_path / "all")
+    assert everything.returncode == 0, everything.stderr
+    meta = json.loads((tmp_path / "all" / "meta.json").read_text())
+    assert meta["train_documents"] + meta["val_documents"] == len(docs) == 5
+    assert meta["skipped"] == {"unreadable": 1} and meta["corpora"][0]["first_month"] == "2017-11"
+
+
+def test_owt2_file_not_named_by_month_is_dated_by_its_first_reddit_submission(tmp_path, capsys):
+    jan_2018 = 1514764800  # 2018-01-01T00:00:00Z
+    records = [("kept: first submitted in January 2018", {"reddit_created_utc": [jan_2018 + 3600, jan_2018 + 99]}),
+               ("dropped: the last second of 2017", {"reddit_created_utc": [jan_2018 - 1]}),
+               ("dropped: submitted again in 2019, first in 2016", {"reddit_created_utc": [1560000000, 1460000000]}),
+               ("kept, a number rather than a list", {"reddit_created_utc": jan_2018 + 86400 * 40}),
+               ("undated: no metadata", {})]
+    (tmp_path / "scrapes_1.jsonl.zst").write_bytes(owt2_month(records))
+    args = ("--input", tmp_path / "scrapes_1.jsonl.zst", "--bpe_dir", bpe_dir(), "--after", "2017-12")
+    result = prep(capsys, *args, "--out_dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["train_documents"] + meta["val_documents"] == 2
+    assert meta["skipped"] == {"before_cutoff": 2, "undated": 1}
+    assert (meta["corpora"][0]["first_month"], meta["corpora"][0]["last_month"]) == ("2018-01", "2018-02")
+    strict = prep(capsys, *args, "--out_dir", tmp_path / "strict", "--strict")
+    assert strict.returncode == 2 and "scrapes_1.jsonl.zst:5: no month" in strict.stderr
+
+
+def test_without_zstandard_an_owt2_input_is_one_line_naming_pip_install(tmp_path, monkeypatch, capsys):
+    write_owt2_tar(tmp_path / "openwebtext2.jsonl.zst.tar")
+    for name in ("zstandard", "compression"):  # None in sys.modules: `import` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    result = prep(capsys, "--input", tmp_path / "openwebtext2.jsonl.zst.tar", "--bpe_dir", bpe_dir(), "--out_dir",
+                  tmp_path / "out")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "pip install zstandard" in result.stderr and "openwebtext2.jsonl.zst.tar" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_workers_read_the_members_of_plain_tars_and_the_main_process_only_compressed_streams(tmp_path):
+    write_owt2_tar(tmp_path / "owt2.tar")
+    owt_subset_tar(tmp_path / "urlsf_subset00.tar", 3)
+    write_tar(tmp_path / "books.tar.gz", {"b.txt": b"a book"}, "w:gz")
+    args = data_owt.parse_args(["--input", str(tmp_path), "--after", "2017-12"])
+    files, _ = data_owt.list_input_files([("x", [tmp_path])])
+    counts = data_owt.new_counts(len(files))
+    tasks = list(data_owt.list_tasks(files, args, counts, data_owt.Progress()))
+    assert [(t.name, t.kind, t.docs is None) for t in tasks] == [
+        ("books.tar.gz", ".tar.gz", False),  # a gzip stream has no entry points: read here, documents to workers
+        ("owt2.tar/2018-01.jsonl.zst", ".jsonl.zst", True), ("owt2.tar/2020-04.jsonl.zst", ".jsonl.zst", True),
+        ("urlsf_subset00.tar/openwebtext/urlsf_subset00-1_data.xz", ".xz", True)]  # byte ranges: workers read them
+    with open(tmp_path / "owt2.tar", "rb") as f:
+        f.seek(tasks[1].offset)
+        assert f.read(tasks[1].size) == owt2_month(OWT2_MONTHS["2018-01"])
+    assert [s["files_before_cutoff"] for s in counts["sources"]] == [0, 2, 0]
+
+
+# ----------------------------------------------------------------------------- robustness (issues 15 and 17)
+
+
+def test_a_killed_worker_stops_the_run_with_one_line_and_publishes_nothing(tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "data_owt.py", "--input", require_shared("text_corpus/gutenberg"),
+                                "--bpe_dir", bpe_dir(), "--out_dir", out, "--num_proc", "2"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None and not (
+            list(out.glob("parts.*.tmp/*")) and len(children_of(process.pid)) >= 2):
+        time.sleep(0.05)
+    os.kill(children_of(process.pid)[0], signal.SIGKILL)  # as the kernel's OOM killer would
+    _, stderr = process.communicate(timeout=60)  # before: Pool waited forever for the dead worker's task
+    assert process.returncode == 1, stderr
+    assert stderr.startswith("error: a worker process died") and len(stderr.strip().splitlines()) == 1
+    assert list(out.iterdir()) == []
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_same_tokens(reference_encoding):
+    ours = data_owt.get_encoding(bpe_dir())
+    text = require_shared("text_corpus/gutenberg/Carroll_Lewis/Alice_s_Adventures_in_Wonderland.txt").read_text()
+    text = text[:30_000] + " x  y\u00a0z 12 345 \u65e5\u672c \U0001f600!! 'll 've  \t\n\n end "
+    for chunk in (7, 64, 1000):
+        assert data_owt.encode_document(ours, text, chunk).tolist() == reference_encoding.encode_ordinary(text) + [EOT]
+    no_cut = "a" * 5000  # no space after a letter or digit: encoded whole, still right
+    assert data_owt.safe_cut(no_cut, 100, 0) == 5000
+    assert data_owt.encode_document(ours, no_cut, 100).tolist() == reference_encoding.encode_ordinary(no_cut) + [EOT]
+
+
+def peak_rss_kb(tmp_path, document, name):
+    """Peak RSS (KiB) of data_owt.py preparing a .jsonl of one document, in one process: VmHWM, the high-water
+    mark of this program's memory (ru_maxrss would keep the larger peak of the forking pytest process)."""
+    (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": document}) + "\n")
+    probe = ("import re, sys, data_owt; code = data_owt.main(sys.argv[1:]); "
+             "print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1], code)")
+    result = subprocess.run([sys.executable, "-c", probe, "--input", str(tmp_path / f"{name}.jsonl"), "--bpe_dir",
+                             str(bpe_dir()), "--out_dir", str(tmp_path / name), "--num_proc", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    peak, code = result.stdout.split("PEAK ")[1].split()
+    assert code == "0", result.stderr
+    return int(peak)
+
+
+@pytest.mark.slow
+def test_a_long_single_line_document_keeps_memory_bounded(tmp_path):
+    words = require_shared("text_corpus/gutenberg/Austen_Jane/Emma.txt").read_text().split()
+    document = (" ".join(words) * 8)[:6_000_000]
+    extra_kb = peak_rss_kb(tmp_path, document, "long") - peak_rss_kb(tmp_path, "short", "short")
+    # the file, its line, the text (twice: str and bytes) and the tokens: ~4x; tiktoken on the whole text: ~12x
+    assert extra_kb * 1024 < 6 * len(document)
+
+
+def test_crlf_and_lone_cr_become_lf_unless_newlines_keep(tmp_path, reference_encoding, capsys):
+    text = "one\r\ntwo\rthree\n\r\nfour"
+    (tmp_path / "doc.txt").write_bytes(text.encode())
+    for newlines, expected in (("lf", "one\ntwo\nthree\n\nfour"), ("keep", text)):
+        out = tmp_path / newlines
+        result = prep(capsys, "--input", tmp_path / "doc.txt", "--bpe_dir", bpe_dir(), "--out_dir", out, "--newlines",
+                      newlines)
+        assert result.returncode == 0, result.stderr
+        assert read_docs(out / "train.bin", reference_encoding) + read_docs(out / "val.bin", reference_encoding) == [
+            expected]

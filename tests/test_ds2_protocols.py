@@ -105,11 +105,13 @@ def test_warm_start_on_summaries_then_fine_tune_from_its_best_checkpoint(tmp_pat
 def test_paper_preset_is_ds2s_code_and_its_adamw_is_adam():
     _, c = ds2.parse_args(["--preset", "paper"])
     # DS2's code: transformers.AdamW (weight_decay 0.0, eps 1e-6 by default), lr 5e-5 constant, no warmup,
-    # clip 1.0, batch 2, up to 100 epochs, patience 10, fp32, greedy up to 100 tokens
+    # clip 1.0, batch 2, up to 100 epochs, patience 10, fp32; generate(min_length=5, max_length=100,
+    # early_stopping=True), both counting the start token, greedy on dev and 10 beams on test; pads in the loss
     assert (c.learning_rate, c.weight_decay, c.eps, c.decay_lr, c.warmup_iters, c.grad_clip) == (
         5e-5, 0.0, 1e-6, False, 0, 1.0)
-    assert (c.batch_size, c.micro_batch_size, c.epochs, c.patience, c.dtype, c.num_beams, c.max_new_tokens) == (
-        2, 2, 100, 10, "float32", 1, 100)
+    assert (c.batch_size, c.micro_batch_size, c.epochs, c.patience, c.dtype) == (2, 2, 100, 10, "float32")
+    assert (c.num_beams, c.test_num_beams, c.min_new_tokens, c.max_new_tokens, c.early_stopping) == (1, 10, 4, 99, True)
+    assert c.loss_on_pad and not ds2.Config().loss_on_pad  # the quirk is off outside the preset
     assert ds2.get_lr(0, 1000, c) == ds2.get_lr(999, 1000, c) == 5e-5
     # with weight_decay 0, configure_optimizers' AdamW takes exactly Adam's steps (the seed's recipe: Adam)
     torch.manual_seed(0)
@@ -155,12 +157,14 @@ def test_report_gives_mean_and_sample_std_over_seeds_and_names_missing_runs(tmp_
     runs = ds2.protocol_runs("fewshot", c)
     for (name, _, _), jga in zip(runs, (0.30, 0.40, 0.50, 0.45)):  # 0.05_2 and 0.05_3 never ran
         (tmp_path / name).mkdir()
-        (tmp_path / name / "test_metrics.json").write_text(json.dumps({"jga": jga, "slot_acc": 0.9, "slot_f1": 0.5}))
+        (tmp_path / name / "test_metrics.json").write_text(json.dumps({"jga": jga, "slot_acc": 0.9, "slot_f1": 0.5,
+                                                                      "ds2": {"jga": jga + 0.01, "slot_acc": 0.95}}))
     rows = ds2.protocol_report("fewshot", runs, tmp_path)
     assert [r["run"] for r in rows] == ["0.01_1", "0.01_2", "0.01_3", "0.05_1"]
     table = (tmp_path / "table.md").read_text()
-    assert "| jga | 1% | 5% |" in table
+    assert "| jga (trade scoring) | 1% | 5% |" in table  # every table names its scoring
     assert "| all | 40.00 ± 10.00 (3) | 45.00 (1) |" in table  # std of 30, 40, 50 with n - 1: 10
+    assert "| jga (ds2 scoring) | 1% | 5% |\n|---|---|---|\n| all | 41.00 ± 10.00 (3) | 46.00 (1) |" in table
     assert "missing runs: 0.05_2, 0.05_3" in table
     assert [json.loads(line)["jga"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [
         0.30, 0.40, 0.50, 0.45]
@@ -174,6 +178,7 @@ def test_fewshot_command_trains_each_seed_then_report_only_rebuilds_the_table(tm
     run = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "fewshot 1/2 0.5_1: train --fewshot 0.5 --fewshot_seed 1 --seed 1" in run.stdout
+    assert "fewshot 1/2 0.5_1: plan (" in run.stdout  # each run's plan, before it trains
     for seed in (1, 2):
         config = json.loads((out / f"0.5_{seed}" / "test_metrics.json").read_text())["config"]
         assert (config["fewshot"], config["fewshot_seed"], config["seed"], config["d_model"]) == (0.5, seed, seed, 32)
@@ -184,3 +189,25 @@ def test_fewshot_command_trains_each_seed_then_report_only_rebuilds_the_table(tm
     again = subprocess.run(base + ["--report_only"], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD_ENV,
                            timeout=300)
     assert again.returncode == 0 and "train --" not in again.stdout and (out / "table.md").read_text() == table
+
+
+def test_a_one_percent_run_reaches_the_peak_lr_and_evaluates_more_than_once(tmp_path):
+    # the seed's recipe (1 epoch, 1000 warmup steps) on 1% of the dialogues: 1 step, lr never above 0, one
+    # evaluation. The data schedule gives it min_iters steps, 10% of them warmup and evals_per_run evaluations.
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_data_dir(data, require_shared("t5/spiece.model"), sizes=(("train", 300), ("dev", 14), ("test", 14)))
+    _, config = ds2.parse_args(["--fewshot", "0.01", "--batch_size", "8", "--micro_batch_size", "8"])
+    assert (config.epochs, config.warmup_iters, config.max_iters) == (1, 1000, 0)  # the seed's recipe
+    planned, total, plan = ds2.plan_schedule(3, config)  # 1% of 100 dialogues of 3 turns
+    assert (total, planned.warmup_iters, planned.eval_interval) == (100, 10, 20) and "5 evaluations" in plan
+    assert ds2.plan_schedule(3, ds2.dataclasses.replace(config, schedule="fixed"))[1] == 1
+    run = subprocess.run([sys.executable, "ds2.py", "--preset", "smoke", "--max_iters", "0", "--min_iters", "20",
+                          "--warmup_iters", "1000", "--eval_interval", "0", "--fewshot", "0.01", "--data_dir",
+                          str(data), "--out_dir", str(out), "--test_examples", "4"],
+                         cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD_ENV, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "plan (data schedule): 3 training turns" in run.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    peak = ds2.parse_args(["--preset", "smoke"])[1].learning_rate
+    assert max(r["lr"] for r in log if "lr" in r) == pytest.approx(peak)  # warmup 2 of 20 steps
+    assert len([r for r in log if "jga" in r]) == 5  # every 4 steps

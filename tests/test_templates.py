@@ -226,8 +226,10 @@ def test_summary_to_state_never_raises_on_garbage():
     for text in texts:
         state = ds2t.summary_to_state(text)
         assert isinstance(state, dict) and all(slot in ds2t.SLOTS and value for slot, value in state.items())
+        for value in state.values() if isinstance(text, str) and '"' not in text else ():  # (quoted values are what the quotes hold)
+            assert "does not care" not in value and "searching for" not in value, (text, state)
         read += bool(state)
-    assert read > 100  # the fragments make readable sentences too
+    assert read > 30  # the fragments make readable sentences too (measured: 42 of 2013; junk gives no slot)
 
 
 def test_best_effort_reads_a_model_summary_with_mistakes():
@@ -244,6 +246,84 @@ def test_best_effort_reads_a_model_summary_with_mistakes():
     assert read("he wants a taxi to pipasha restaurant. blah blah. Also, he looks for a place to stay, and he "
                 "does not care about the price range, which has free parking") == {
         "taxi-destination": "pipasha restaurant", "hotel-pricerange": "dontcare"}
+
+
+# --- near misses: text a model writes that is almost a template (issue 13) --------------------------------------
+
+def test_phrases_out_of_order_are_read_phrase_by_phrase():
+    # the exact reader alone took area = "north with a cheap price": that text re-renders, by accident
+    assert ds2t.summary_to_state("The user is looking for a restaurant located in the north with a cheap price, "
+                                 "which serves chinese food.") == {
+        "restaurant-area": "north", "restaurant-pricerange": "cheap", "restaurant-food": "chinese"}
+    assert ds2t.summary_to_state("The user is looking for a train on monday for 2 people to london from "
+                                 "cambridge.") == {"train-day": "monday", "train-book people": "2",
+                                                   "train-destination": "london", "train-departure": "cambridge"}
+
+
+def test_a_repeated_phrase_is_read_once():
+    assert ds2t.summary_to_state("The user is looking for a train from cambridge to london on monday for 2 people "
+                                 "for 2 people.") == {"train-departure": "cambridge", "train-destination": "london",
+                                                      "train-day": "monday", "train-book people": "2"}
+
+
+def test_a_cut_off_ending_gives_no_slot_for_the_cut_phrase():
+    read = ds2t.summary_to_state
+    assert read("The user is looking for a train from cambridge to london on monday, which leaves at 10:00 and "
+                "arrives by") == {"train-departure": "cambridge", "train-destination": "london",
+                                  "train-day": "monday", "train-leaveat": "10:00"}
+    assert read("The user is looking for a restaurant called golden wok for 2 people on monday at") == {
+        "restaurant-name": "golden wok", "restaurant-book people": "2", "restaurant-book day": "monday"}
+    assert read("The user is looking for a place to stay for 2") == {}  # people or days? unreadable: no slot
+
+
+def test_the_dontcare_clause_never_ends_up_in_a_value():
+    # DS2's names for the slots ("the hotel stars", "the food type") and its ". He does not care about" sentence
+    assert ds2t.summary_to_state("The user is looking for a place to stay located in the east, and he does not "
+                                 "care about the hotel stars and the price range.") == {
+        "hotel-area": "east", "hotel-stars": "dontcare", "hotel-pricerange": "dontcare"}
+    assert ds2t.summary_to_state("The user is looking for a restaurant located in the east. He does not care about "
+                                 "the food type.") == {"restaurant-area": "east", "restaurant-food": "dontcare"}
+
+
+def test_number_and_article_slips_and_in_the():
+    read = ds2t.summary_to_state
+    assert read("The user is looking for a place to stay ranked 1 stars in the north for 2 person for 1 days.") == {
+        "hotel-stars": "1", "hotel-area": "north", "hotel-book people": "2", "hotel-book stay": "1"}
+    assert read("The user is looking for a place to stay which is an hotel with a expensive price.") == {
+        "hotel-type": "hotel", "hotel-pricerange": "expensive"}
+    assert read("The user is looking for an attraction which is a museum in the centre.") == {
+        "attraction-type": "museum", "attraction-area": "centre"}
+
+
+def test_ds2_wordings_and_domain_order():
+    text = ("The user wants a taxi from the gonville hotel to pizza hut fen ditton. Also, he looks for a restaurant "
+            "called pizza hut fen ditton, which serves italian. Also, he searches for a train for 3 people from "
+            "london to cambridge on tuesday, which arrives by 12:30.")
+    assert ds2t.summary_to_state(text) == {
+        "taxi-departure": "the gonville hotel", "taxi-destination": "pizza hut fen ditton",
+        "restaurant-name": "pizza hut fen ditton", "restaurant-food": "italian", "train-book people": "3",
+        "train-departure": "london", "train-destination": "cambridge", "train-day": "tuesday",
+        "train-arriveby": "12:30"}
+
+
+def test_a_value_that_holds_another_phrase_is_quoted_so_it_still_round_trips():
+    state = {"hotel-area": "north with a cheap price"}  # what the phrase reader would split: written quoted
+    summary = assert_round_trip(state)
+    assert '"' in summary
+
+
+def test_near_misses_of_real_states_read_better_than_ds2s_converter_did():
+    """>= 200 near misses of real MultiWOZ 2.1 test states (ds2_nearmiss.py). Measured with DS2's converter
+    (jshin49/ds2 state_sum_converter.py, run outside this repository): slot F1 92.9%, exact state 56.9%."""
+    import ds2_nearmiss
+    folder = require_shared("multiwoz/convlab2_mwz21")
+    dialogues, _ = data_multiwoz.read_dialogues(Path(folder))
+    examples, _ = data_multiwoz.build_examples(dialogues, keep_all=True)
+    cases = ds2_nearmiss.build_cases([ex["state"] for ex in examples["test"]], per_kind=40, seed=0)
+    assert len(cases) == 360 and {kind for kind, _, _ in cases} == set(ds2_nearmiss.KINDS)
+    m = ds2_nearmiss.score(ds2t.summary_to_state, cases)
+    assert m["slot_f1"] > 0.929 and m["exact_state"] > 0.569, m  # DS2's converter on the same cases
+    assert m["slot_f1"] >= 0.99 and m["exact_state"] >= 0.98, m  # measured: 100.0% and 100.0%
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
@@ -274,6 +354,26 @@ def test_metrics_restricted_to_one_domain():  # cross-domain evaluation passes o
     assert m["per_domain_jga"] == {"hotel": 1 / 3}
     train = [slot for slot in ds2t.SLOTS if slot.startswith("train-")]
     assert ds2t.compute_metrics(PREDICTIONS, GOLDS, slots=train)["jga"] == 1.0
+
+
+def test_ds2_scoring_only_scores_the_goal_domains_of_each_dialogue():
+    # the four turns above plus one whose gold state has a slot outside its dialogue's goal domains (taxi)
+    golds = GOLDS + [{"taxi-leaveat": "10:00", "train-day": "friday"}]
+    predictions = PREDICTIONS + [{"train-day": "friday"}]
+    goal_domains = [["hotel"], ["hotel"], ["train"], ["hotel", "train"], ["train"]]
+    m = ds2t.compute_metrics_ds2(predictions, golds, goal_domains)
+    # turn 2 is wrong (stars); turn 3's extra hotel-parking and turn 5's missing taxi slot are not scored
+    assert m["jga"] == 4 / 5
+    assert m["n_slots_scored"] == 10 + 10 + 6 + 16 + 6  # hotel 10, train 6 slots per turn
+    assert m["slot_acc"] == 47 / 48                    # one wrong cell: turn 2's hotel-stars
+    assert m["per_domain_jga"] == {"hotel": 2 / 3, "train": 1.0}  # every turn of a dialogue with the domain
+    assert m["per_domain_turns"] == {"hotel": 3, "train": 3}
+    assert m["scoring"].startswith("ds2:")
+    trade = ds2t.compute_metrics(predictions, golds)   # the same turns, all 30 slots
+    assert trade["jga"] == 2 / 5 and trade["slot_acc"] == 147 / 150 and trade["scoring"].startswith("trade:")
+    hotel = [slot for slot in ds2t.SLOTS if slot.startswith("hotel-")]  # cross-domain: one domain's slots
+    m = ds2t.compute_metrics_ds2(predictions, golds, goal_domains, slots=hotel)
+    assert (m["jga"], m["n_slots_scored"], m["per_domain_turns"]) == (4 / 5, 30, {"hotel": 3})
 
 
 def test_dontcare_is_an_ordinary_value_and_missing_is_none():
@@ -311,4 +411,34 @@ def test_real_multiwoz21_states_round_trip():
             plain += '"' not in summary
         exact, plain = exact / turns, plain / turns
         assert exact >= 0.999, (split, exact)  # the paper's converter: 0.913 on test
-        assert plain >= 0.999, (split, plain)  # and almost no state needs quoted values (measured: none)
+        assert plain >= 0.999, (split, plain)  # and almost no state needs quoted values (measured: test 0, dev 4)
+
+
+def test_summaries_with_shuffled_domains_of_real_states_read_back_exactly():
+    # --shuffle_domains (DS2 shuffles the domain order of every target): the phrase reader takes any domain order
+    folder = require_shared("multiwoz/convlab2_mwz21")
+    dialogues, _ = data_multiwoz.read_dialogues(Path(folder))
+    examples, _ = data_multiwoz.build_examples(dialogues, keep_all=True)
+    rng = random.Random(0)
+    states = [ex["state"] for ex in examples["test"] if len({s.split("-")[0] for s in ex["state"]}) > 1]
+    assert len(states) > 3000
+    for state in states:
+        order = rng.sample(ds2t.DOMAINS, 5)
+        summary = ds2t._render(state, '"' in ds2t.state_to_summary(state), order)
+        assert ds2t.summary_to_state(summary) == state, summary
+
+
+def test_nearmiss_command_scores_a_second_reader_and_names_a_missing_one(tmp_path, capsys):
+    import ds2_nearmiss
+    folder = require_shared("multiwoz/convlab2_mwz21")
+    other = tmp_path / "state_sum_converter.py"  # stands in for DS2's converter: reads nothing
+    other.write_text("class C:\n    def sum_to_state(self, summary):\n        return {}\n"
+                     "def get_converter(name):\n    return C()\n")
+    out = tmp_path / "cases.jsonl"
+    assert ds2_nearmiss.main(["--data_dir", str(folder), "--per_kind", "3", "--ds2_converter", str(other),
+                              "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "27 near misses" in text and "| DS2's converter (MwzConverter.sum_to_state) | 0.0% | 0.0% | 0.0% | 0.0% |" in text
+    assert len(out.read_text().splitlines()) == 27
+    assert ds2_nearmiss.main(["--data_dir", str(folder), "--ds2_converter", str(tmp_path / "none.py")]) == 2
+    assert "none.py not found" in capsys.readouterr().err
