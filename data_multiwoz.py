@@ -44,7 +44,9 @@ Choices, checked against the reference code (jshin49/ds2 create_data_mwoz.py, da
     this leaves 999 dialogues / 7368 turns (1000 / 7372 with --keep_all_dialogues; tests/test_data_multiwoz.py).
 """
 import argparse
+import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import io
@@ -52,6 +54,7 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import time
 import urllib.error
@@ -211,7 +214,18 @@ def find_files(data_dir: Path) -> dict:
                 raise ValueError(f"{path}: not a valid zip archive (a partial download?); delete it and retry")
         elif path.is_file():
             found[path.name] = (path, None)
+        elif path.name in EXPECTED_NAMES:  # read as absent, it would give a misleading "empty split" later
+            raise ValueError(f"{path} is {not_a_file(path)}, where a MultiWOZ file is expected; put the file there")
     return found
+
+
+EXPECTED_NAMES = {stem + suffix for stem in ("data", "train", "val", "test") for suffix in (".json", ".json.zip")} | {
+    stem + suffix for stem in ("valListFile", "testListFile") for suffix in ("", ".json", ".txt")}
+
+
+def not_a_file(path: Path) -> str:
+    """What stands at an existing path that is not a regular file, for a message."""
+    return "a folder" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
 
 
 def read_text(source) -> str:
@@ -264,10 +278,15 @@ def read_dialogues(data_dir: Path):
     if "data.json" in files and None in lists.values():
         raise FileNotFoundError(f"{data_dir}: data.json needs valListFile and testListFile beside it "
                                 f"(the official split lists); copy them from the MultiWOZ archive")
-    list_split = {}
+    list_split, listed_in = {}, {}
     for split, source in lists.items():
         if source is not None and "data.json" in files:
-            list_split.update((dialogue_id(line), split) for line in read_text(source).splitlines() if line.strip())
+            for line in read_text(source).splitlines():
+                if line.strip():
+                    did = dialogue_id(line)
+                    if list_split.get(did, split) != split:
+                        raise ValueError(in_two_splits(did, listed_in[did], source_name(source)))
+                    list_split[did], listed_in[did] = split, source_name(source)
     dialogues = {}
     for source, file_split in dialogue_files:
         data = load_json(source)
@@ -275,9 +294,18 @@ def read_dialogues(data_dir: Path):
             raise ValueError(f"{source_name(source)}: expected a JSON object {{dialogue id: dialogue}}")
         for name, dialogue in data.items():
             did = dialogue_id(name)
+            if did in dialogues:  # another file (or the same id with and without ".json")
+                raise ValueError(in_two_splits(did, dialogues[did][2], source_name(source)))
             dialogues[did] = (dialogue, list_split.get(did, file_split), source_name(source))
     sources = sorted({source[0] for source, _ in dialogue_files} | {s[0] for s in lists.values() if s})
     return dialogues, sources
+
+
+def in_two_splits(did: str, first: str, second: str) -> str:
+    """A dialogue in two splits would be trained or tuned on and then scored as unseen: which one the user means
+    is theirs to say, so the message names both places."""
+    return (f"{second}: dialogue {did} is also in {first}; a dialogue belongs to one split (in two, it is "
+            f"learnt and then tested as unseen): remove it from one of the files")
 
 
 SUMMARIZATION_FILES = {"dialogsum": {s: f"dialogsum.{s}.jsonl" for s in SPLITS},
@@ -290,6 +318,9 @@ def read_summarization(corpus: str, data_dir: Path):
     splits, sources = {split: [] for split in SPLITS}, []
     for split, name in SUMMARIZATION_FILES[corpus].items():
         path = data_dir / name
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path} is {not_a_file(path)}, where the {corpus} {split} file is expected; put the "
+                             f"file there")
         if not path.is_file():
             continue
         sources.append(path)
@@ -298,6 +329,9 @@ def read_summarization(corpus: str, data_dir: Path):
             n = 0
             try:
                 for n, row in enumerate(rows, 1):
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}: record {n} is a JSON {type(row).__name__}, not an object with "
+                                         f"a dialogue, a summary and an id (fname/id)")
                     did, summary = row.get("fname", row.get("id")), row.get("summary", row.get("summary1"))
                     if not (isinstance(row.get("dialogue"), str) and isinstance(summary, str) and did):
                         raise ValueError(f"{path}: record {n} lacks a dialogue, a summary or an id (fname/id)")
@@ -551,10 +585,25 @@ def commit(out_dir: Path, files: dict, meta: dict) -> None:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         raise
-    (out_dir / "meta.json").unlink(missing_ok=True)  # from here until the end the folder reads as incomplete
-    for name, tmp in temps.items():
-        os.replace(tmp, out_dir / name)
-    os.replace(meta_tmp, out_dir / "meta.json")
+    # Ctrl-C waits for the renames (milliseconds), so that "nothing was published" stays true when it is said
+    # (A handler that only records, not a blocked signal mask: a process-wide signal may reach another thread.)
+    received = []
+    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        (out_dir / "meta.json").unlink(missing_ok=True)  # from here until the end the folder reads as incomplete
+        for name, tmp in temps.items():
+            os.replace(tmp, out_dir / name)
+        os.replace(meta_tmp, out_dir / "meta.json")
+        commit.published = out_dir  # a Ctrl-C held back until now finds the output complete: main says so
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+commit.published = None
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -602,9 +651,18 @@ def sha256(data: bytes) -> str:
 def prepare(args) -> dict:
     """Everything in memory first (so that bad input changes nothing on disk), then commit()."""
     data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
+    commit.published = None
     if args.spm and not Path(args.spm).is_file():
-        raise FileNotFoundError(f"--spm {args.spm}: no such file; give T5's spiece.model "
+        what = f" is {not_a_file(Path(args.spm))}" if Path(args.spm).exists() else ": no such file"
+        raise FileNotFoundError(f"--spm {args.spm}{what}; give T5's spiece.model "
                                 f"(../shared/data/t5/spiece.model) or omit --spm to train one")
+    if args.spm and Path(args.spm).stat().st_size == 0:
+        raise ValueError(f"--spm {args.spm}: an empty file (0 bytes), not a SentencePiece model; give T5's "
+                         f"spiece.model (../shared/data/t5/spiece.model) or omit --spm to train one")
+    for name in ["spm.model", "meta.json", *(f"{split}.{kind}" for split in SPLITS
+                                              for kind in ("jsonl", "src.bin", "tgt.bin", "idx.npy"))]:
+        if (out_dir / name).is_dir():  # found now, not after the work, half-way through replacing the files
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out_dir / name))
     if args.download:
         download(args.version, data_dir, args.url)
     if args.summarization:  # the warm-start corpus: its own summaries, no states
@@ -664,8 +722,14 @@ def prepare(args) -> dict:
     return meta
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the usage block; exit 2 as argparse does
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
     p.add_argument("--data_dir", default="data/multiwoz21", help="folder with the MultiWOZ files (plain or .zip)")
     p.add_argument("--out_dir", default="data/mwz21", help="where the bins, jsonl and meta.json go")
     p.add_argument("--version", default="2.1", choices=sorted(URLS), help="MultiWOZ version")
@@ -689,24 +753,74 @@ def parse_args(argv):
                 "MultiWOZ must share one SentencePiece model")
     if not 0.0 <= args.train_from_dev < 1.0:
         p.error(f"--train_from_dev expects a fraction of the dev dialogues in (0, 1), got {args.train_from_dev}")
+    for flag in ("data_dir", "out_dir"):
+        if getattr(args, flag) == "":  # an unset shell variable: it would mean the current folder
+            p.error(f"--{flag} is an empty path (an unset shell variable?); name the folder (. for the current one)")
     return args
 
 
+# What to do about an OSError, by errno: the file system's faults are the user's to fix, in one line (exit 2).
+OS_REMEDIES = {
+    errno.EROFS: "a read-only file system: pass an --out_dir on a writable disk",
+    errno.ENOSPC: "the disk is full: free some space or pass an --out_dir on another disk",
+    errno.EDQUOT: "the disk quota is used up: free some space or pass an --out_dir on another disk",
+    errno.EACCES: "permission denied: pass paths you may read (--data_dir, --spm) and write (--out_dir)",
+    errno.EPERM: "not permitted: pass paths you may read (--data_dir, --spm) and write (--out_dir)",
+    errno.EEXIST: "a file stands where a folder is needed: move it away or pass another path",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it away or pass another path",
+    errno.EISDIR: "a folder stands where a file is needed: move it away or pass another path",
+    errno.ENOENT: "it is not there, and cannot be made there (under /proc or /sys?): check the path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """`path: cause; remedy` of an OSError: the path it names (the target of a rename onto a folder)."""
+    where = e.filename2 if e.errno == errno.EISDIR and e.filename2 else e.filename
+    remedy = OS_REMEDIES.get(e.errno, "check the path, its permissions and the disk")
+    return f"{os.fsdecode(where) if where else '?'}: {e.strerror or e}; {remedy}"
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    start = time.time()
+    """Exit 0 when done; 2 with one `error:` line for bad input, the network and the file system's faults; 130
+    on Ctrl-C or SIGTERM; 141 (quietly) when the reader of the output goes away (`| head`). Nothing is written to
+    --out_dir before the end (commit), so in each of these cases its earlier content is untouched. Anything else
+    is a bug, and shows its traceback."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, terminate)  # kill (SIGTERM) stops like Ctrl-C
+    args = None
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        start = time.time()
         meta = prepare(args)
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        for split, counts in meta["splits"].items():
+            print(f"{split}: {counts['dialogues']} dialogues, {counts['examples']} examples, "
+                  f"{counts['src_tokens']:,} source tokens (max {counts['max_src_len']}), "
+                  f"{counts['tgt_tokens']:,} target tokens (max {counts['max_tgt_len']})")
+        print(f"dropped: {meta['dropped']}")
+        print(f"wrote {args.out_dir} in {time.time() - start:.1f}s")
+        return 0
+    except BrokenPipeError:  # `data_multiwoz.py ... | head`: the reader is gone; say nothing more to it
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+        return 141
+    except OSError as e:  # FileNotFoundError and ConnectionError included, with a message of ours or the system's
+        print(f"error: {e}" if e.errno is None else f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for split, counts in meta["splits"].items():
-        print(f"{split}: {counts['dialogues']} dialogues, {counts['examples']} examples, "
-              f"{counts['src_tokens']:,} source tokens (max {counts['max_src_len']}), "
-              f"{counts['tgt_tokens']:,} target tokens (max {counts['max_tgt_len']})")
-    print(f"dropped: {meta['dropped']}")
-    print(f"wrote {args.out_dir} in {time.time() - start:.1f}s")
-    return 0
+    except KeyboardInterrupt:
+        if commit.published:
+            print(f"interrupted: {commit.published} was written in full just before the stop (meta.json is there), "
+                  f"so it is complete; nothing to redo", file=sys.stderr)
+        else:
+            where = f"{args.out_dir} is as it was" if args else "nothing was written"
+            print(f"interrupted: nothing was published ({where}: the output is written at the end, all at once); "
+                  f"run the same command again to prepare it", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

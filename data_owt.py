@@ -107,16 +107,27 @@ def encoding_from_bpe_dir(bpe_dir):
     """Build tiktoken's GPT-2 Encoding from encoder.json + vocab.bpe (no network, no cache)."""
     import tiktoken
     encoder_path, merges_path = Path(bpe_dir) / "encoder.json", Path(bpe_dir) / "vocab.bpe"
+    if Path(bpe_dir).exists() and not Path(bpe_dir).is_dir():
+        raise ValueError(f"--bpe_dir {bpe_dir} is a file, not a folder: give the folder that holds GPT-2's "
+                         "encoder.json and vocab.bpe (this project ships them in ../shared/data/gpt2_bpe)")
     for path in (encoder_path, merges_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: --bpe_dir must hold GPT-2's encoder.json and vocab.bpe "
+            what = "not found" if not path.exists() else f"is {not_a_file(path)}"
+            raise FileNotFoundError(f"{path} {what}: --bpe_dir must hold GPT-2's encoder.json and vocab.bpe "
                                     "(this project ships them in ../shared/data/gpt2_bpe)")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
+    try:
+        encoder = json.loads(encoder_path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSON or UTF-8: a cut-off or foreign file; the message would name no file
+        raise ValueError(f"{encoder_path}: not GPT-2's encoder.json ({str(e)[:120]}); use ../shared/data/gpt2_bpe")\
+            from None
+    if not isinstance(encoder, dict):
+        raise ValueError(f"{encoder_path}: a JSON {type(encoder).__name__}, not GPT-2's {{token: id}} object; use "
+                         "../shared/data/gpt2_bpe")
     ranks = {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items() if token != "<|endoftext|>"}
     # tiktoken merges by rank, so rank order must be merge order: merge i of vocab.bpe makes token 256 + i
     merges = [line.split() for line in merges_path.read_text(encoding="utf-8").splitlines()[1:] if line]
-    ok = len(ranks) == EOT and all(encoder.get(a + b) == 256 + i for i, (a, b) in enumerate(merges))
+    ok = len(ranks) == EOT and all(len(m) == 2 and encoder.get(m[0] + m[1]) == 256 + i for i, m in enumerate(merges))
     if not ok or encoder.get("<|endoftext|>") != EOT:
         raise ValueError(f"{bpe_dir}: encoder.json and vocab.bpe are not GPT-2's BPE (ranks do not follow the "
                          "merges, or the vocabulary is not 50257); use ../shared/data/gpt2_bpe")
@@ -309,23 +320,67 @@ def before_cutoff(month, after):
     return after is not None and month is not None and month <= after
 
 
+OTHER_TYPE = "not a kind of file this script reads"
+
+
+def not_a_file(path):
+    """What stands at an existing path that is not a regular file, for a message."""
+    return "a folder" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+
+
+def walk_files(folder, ignored):
+    """Every entry below folder that is not a folder, following symlinked folders, as paths under folder, sorted
+    by their parts. Each real folder is read once (so a link to an ancestor ends); a folder reached again goes to
+    `ignored` with the path it was read by. Subfolders are walked in name order, so which path that is does not
+    depend on the file system's listing order."""
+    found, seen = [], {}
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            ignored.append((Path(top), f"the same folder as {seen[real]}: its files are read once"))
+            dirs.clear()
+            continue
+        seen[real] = Path(top)
+        dirs.sort()
+        found += [Path(top) / name for name in names]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
 def list_input_files(groups):
-    """[(path, document id prefix, corpus)] in a fixed order, from [(corpus, [paths])]: folders walked
-    recursively, names sorted. Ids are relative to the folder or file given, so `--input DIR` and `--download`
-    (which passes DIR's files one by one) give the same ids."""
-    files, ignored = [], []
+    """([(path, document id prefix, corpus)], [(path, why it is not read)]) in a fixed order, from
+    [(corpus, [paths])]: folders walked recursively (symlinked folders too), names sorted. Ids are relative to
+    the folder or file given, so `--input DIR` and `--download` (which passes DIR's files one by one) give the
+    same ids. A file reached twice (given by two paths, or linked) is read once: two ids for one document could
+    put it in both train and val."""
+    files, ignored, first = [], [], {}
+
+    def add(path, name, corpus):
+        real = path.resolve()
+        if real in first:
+            again = "given twice" if path == first[real] else f"the same file as {first[real]}"
+            ignored.append((path, f"{again}: its documents are read once"))
+        else:
+            first[real] = path
+            files.append((path, name, corpus))
     for corpus, paths in groups:
         for given in paths:
             path = Path(given)
             if path.is_dir():
-                for p in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).parts):
-                    name = p.relative_to(path).as_posix()
-                    (files if kind_of(p.name) else ignored).append((p, name, corpus))
+                for p in walk_files(path, ignored):
+                    if not p.is_file():
+                        ignored.append((p, not_a_file(p) if p.exists() else "a broken link"))
+                    elif not kind_of(p.name):
+                        ignored.append((p, OTHER_TYPE))
+                    else:
+                        add(p, p.relative_to(path).as_posix(), corpus)
             elif path.is_file():
                 if not kind_of(path.name):
                     raise ValueError(f"{path}: unsupported input type; expected a folder or a file ending in "
                                      f"{', '.join(KINDS)}")
-                files.append((path, path.name, corpus))
+                add(path, path.name, corpus)
+            elif path.exists():
+                raise ValueError(f"--input {path} is {not_a_file(path)}; --input takes folders and files of "
+                                 "documents (save a stream to a file first)")
             else:
                 raise FileNotFoundError(f"{path} does not exist; --input takes folders and files of documents")
     return files, ignored
@@ -399,7 +454,7 @@ def jsonl_documents(f, name, args, counts, dated):
             record = json.loads(line)
             raw = record[args.text_field].encode("utf-8")
         except (ValueError, KeyError, TypeError, AttributeError):
-            skip(counts, "bad_jsonl", f"{name}:{line_number}", f"not JSON with a string field "
+            skip(counts, "bad_jsonl", f"{name}:{line_number}", f"not a JSON object with a string field "
                  f"'{args.text_field}' (see --text_field)", args.strict)
             continue
         doc = Doc(f"{name}:{line_number}", raw, month or month_of_meta(record.get("meta")), dated)
@@ -766,15 +821,30 @@ def publish(out_dir, meta):
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    (out_dir / "meta.json").unlink(missing_ok=True)  # from here until the end, no output looks complete
-    for split in ("train", "val"):
-        os.replace(out_dir / f"{split}.bin.tmp", out_dir / f"{split}.bin")
-    os.replace(meta_tmp, out_dir / "meta.json")
-    directory = os.open(out_dir, os.O_RDONLY)
+    # Ctrl-C and SIGTERM wait for the renames (milliseconds), so that what main then says about the output is true.
+    # (A handler that only records, not a blocked signal mask: a process-wide signal may reach another thread.)
+    received = []
+    previous = {sig: signal.signal(sig, lambda number, frame: received.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        os.fsync(directory)  # make the renames themselves durable
+        (out_dir / "meta.json").unlink(missing_ok=True)  # from here until the end, no output looks complete
+        for split in ("train", "val"):
+            os.replace(out_dir / f"{split}.bin.tmp", out_dir / f"{split}.bin")
+        os.replace(meta_tmp, out_dir / "meta.json")
+        directory = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the renames themselves durable
+        finally:
+            os.close(directory)
+        publish.done = out_dir
     finally:
-        os.close(directory)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+publish.done = None  # the folder published by this run, once it is complete
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -886,8 +956,13 @@ def prepare(args):
     else:
         groups = [(Path(p).resolve().name.split(".")[0], [p]) for p in args.input]
     files, ignored = list_input_files(groups)
-    if ignored:
-        print(f"ignoring {len(ignored)} files of other types, e.g. {ignored[0][0]}")
+    other_types = [p for p, why in ignored if why == OTHER_TYPE]
+    if other_types:
+        print(f"ignoring {len(other_types)} files of other types, e.g. {other_types[0]}")
+    for n, (path, why) in enumerate((p, why) for p, why in ignored if why != OTHER_TYPE):
+        print(f"not read: {path} ({why})" if n < 5 else f"not read: ... ({len(ignored) - len(other_types)} in all)")
+        if n == 5:
+            break
     check_zstd(files)
     corpus = args.corpus or {"owt": "openwebtext", "owt2": "openwebtext2", "owt+owt2": "openwebtext1+2"}.get(
         args.download) or "+".join(name for name, _ in groups)  # --input: one group per path given
@@ -898,6 +973,7 @@ def prepare(args):
     # unchanged input = same files, sizes and modification times; num_proc is left out: it changes nothing
     stamps = [(s["id"], s["bytes"], p.stat().st_mtime_ns) for s, (p, _, _) in zip(sources, files)]
     fingerprint = hashlib.sha256(json.dumps(["data_owt/2", settings, stamps]).encode()).hexdigest()
+    publish.done = None
     old = read_complete_meta(out_dir)
     if old and old.get("fingerprint") == fingerprint:
         print(f"{out_dir} is up to date (same input files and settings as its meta.json); nothing to do")
@@ -905,6 +981,9 @@ def prepare(args):
         return old
     get_encoding(args.bpe_dir)  # fail on a missing tokenizer before writing anything
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("train.bin", "val.bin", "meta.json"):  # found now, not when publishing after hours of work
+        if (out_dir / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out_dir / name))
     for stale in out_dir.glob("parts.*.tmp"):  # part files of a run that was killed (kill -9)
         shutil.rmtree(stale, ignore_errors=True)
     counts = new_counts(len(files))
@@ -932,14 +1011,18 @@ def prepare(args):
                 "corpora": corpora_of(files, counts), "sources": sources, "downloads": downloads,
                 "settings": settings, "fingerprint": fingerprint, "seconds": round(time.time() - t0, 1)}
         publish(out_dir, meta)
+    except BrokenPipeError:  # the reader of the progress lines went away (main: exit 141), not the disk
+        raise
     except OSError as e:
         what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-        raise ValueError(f"cannot write to {out_dir}: {what}; its temporary files were removed and no new output "
-                         "was published (an earlier complete one is untouched). Free some space or pass another "
-                         "--out_dir") from None
+        where = f" ({os.fsdecode(e.filename)})" if e.filename and Path(os.fsdecode(e.filename)) != out_dir else ""
+        remedy = OS_REMEDIES.get(e.errno, "check the disk and the folder's permissions, or pass another --out_dir")
+        raise ValueError(f"cannot write to {out_dir}: {what}{where}; {remedy}; its temporary files were removed and "
+                         "no new output was published (an earlier complete one is untouched)") from None
     finally:  # on success the temporaries were renamed already; on any failure they go
         for f in out.values():
-            f.close()
+            with contextlib.suppress(OSError):  # a full disk fails the close's flush again: keep the first error
+                f.close()
         for name in ("train.bin.tmp", "val.bin.tmp", "meta.json.tmp"):
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(parts, ignore_errors=True)
@@ -1024,6 +1107,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if bool(args.input) == bool(args.download):
         raise ValueError("give either --input PATH [PATH ...] (local files) or --download [owt|owt2|owt+owt2]")
+    for flag, value in (("--out_dir", args.out_dir), ("--bpe_dir", args.bpe_dir), ("--download_dir",
+                        args.download_dir), *(("--input", path) for path in args.input or ())):
+        if value == "":  # an unset shell variable: it would mean the current folder, or no folder at all
+            raise ValueError(f"{flag} is an empty path (an unset shell variable?); name the folder or file "
+                             f"(. for the current folder)")
     for key, ok, want in (("n_ctx", args.n_ctx >= 1, ">= 1"), ("num_proc", args.num_proc >= 1, ">= 1"),
                           ("batch_bytes", args.batch_bytes >= 1, ">= 1"),
                           ("val_fraction", 0 < args.val_fraction < 1, "in (0, 1)")):
@@ -1034,21 +1122,57 @@ def parse_args(argv):
     return args
 
 
+# What to do about an OSError, by errno: the file system's faults are the user's to fix, in one line (exit 2).
+OS_REMEDIES = {
+    errno.EROFS: "a read-only file system: pass an --out_dir on a writable disk",
+    errno.ENOSPC: "the disk is full: free some space or pass an --out_dir on another disk",
+    errno.EDQUOT: "the disk quota is used up: free some space or pass an --out_dir on another disk",
+    errno.EACCES: "permission denied: pass paths you may read (--input) and write (--out_dir)",
+    errno.EPERM: "not permitted: pass paths you may read (--input) and write (--out_dir)",
+    errno.EEXIST: "a file stands where a folder is needed: move it away or pass another path",
+    errno.ENOTDIR: "a file stands where a folder is needed: move it away or pass another path",
+    errno.EISDIR: "a folder stands where a file is needed: move it away or pass another path",
+    errno.ENOENT: "it is not there, and cannot be made there (under /proc or /sys?): check the path",
+}
+
+
+def os_error_line(e, path=None):
+    """`path: cause; remedy` of an OSError: the path it names (the second one of a rename), else `path`."""
+    where = e.filename2 if e.errno == errno.EISDIR and e.filename2 else e.filename or path or "?"
+    remedy = OS_REMEDIES.get(e.errno, "check the path, its permissions and the disk")
+    return f"{os.fsdecode(where)}: {e.strerror or e}; {remedy}"
+
+
 def main(argv=None):
+    """Exit 0 when done; 2 with one `error:` line for bad input and the file system's faults; 130 on Ctrl-C or
+    SIGTERM; 141 (quietly) when the reader of the output goes away (`| head`); 1 when a worker died. Either
+    way nothing half-made is published. Anything else is a bug, and shows its traceback."""
     def terminate(signum, frame):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, terminate)  # kill (SIGTERM) cleans up like Ctrl-C
     try:
         prepare(parse_args(sys.argv[1:] if argv is None else argv))
         return 0
-    except (ValueError, FileNotFoundError) as e:
+    except BrokenPipeError:  # `data_owt.py ... | head`: the reader is gone; say nothing more to it
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+        return 141
+    except OSError as e:  # FileNotFoundError included, with a message of ours or the system's
+        print(f"error: {e}" if e.errno is None else f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except WorkerDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: temporary files removed, nothing new published; run again to redo", file=sys.stderr)
+        if publish.done:  # the stop came during the renames, and waited for them
+            print(f"interrupted: {publish.done} was written in full just before the stop (meta.json is there), so "
+                  "it is complete; nothing to redo", file=sys.stderr)
+        else:
+            print("interrupted: temporary files removed, nothing new published (an earlier complete output is "
+                  "untouched); run the same command again to redo", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -41,6 +41,7 @@ import collections
 import dataclasses
 import datetime
 import difflib
+import errno
 import functools
 import hashlib
 import json
@@ -287,6 +288,9 @@ def validate(config, world_size=1):
                          f"{c.beta1}, {c.beta2}, {c.eps}")
     if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
+    for key in ("data_dir", "out_dir"):
+        if not getattr(c, key).strip():
+            raise ValueError(f"--{key} is empty: give a folder (an empty path would mean the current folder)")
     if not (c.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", c.device)):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     protocol_lists(c)
@@ -710,16 +714,44 @@ class T5(nn.Module):
                                  foreach=None if fused else False)
 
 
+def require_file(path, what):
+    """`path` if it is a regular file; else the one-line error that says what it is instead and what to do."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: {what}")
+    if path.exists():
+        raise ValueError(f"{path} is not a regular file (a FIFO, socket or device): {what}")
+    raise FileNotFoundError(f"{path} not found: {what}")
+
+
 def read_hf_config(folder):
-    path = folder / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --init_from expects a ds2.py checkpoint file or a Hugging Face "
-                                f"T5 folder holding config.json and model.safetensors or pytorch_model.bin")
-    hf = json.loads(path.read_text())
+    """A T5 config.json, checked as the same numbers given as flags would be (validate)."""
+    path = require_file(Path(folder) / "config.json", "--init_from expects a ds2.py checkpoint file or a Hugging "
+                        "Face T5 folder holding config.json and model.safetensors or pytorch_model.bin")
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); download the folder again") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: a JSON {type(hf).__name__}, not a T5 config.json (an object)")
     missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads") if k not in hf]
     if missing or hf.get("feed_forward_proj", "relu") not in ("relu", "gated-gelu"):
         raise ValueError(f"{path}: not a T5 config this script implements (missing {missing}, feed_forward_proj "
                          f"{hf.get('feed_forward_proj')!r}; relu and gated-gelu are supported)")
+    shape = {k: hf.get(k) for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
+                                    "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance")
+             if hf.get(k) is not None}
+    for key, value in shape.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{path}: {key} is {value!r}, not a whole number")
+    if shape["vocab_size"] <= 0:
+        raise ValueError(f"{path}: vocab_size must be positive, got {shape['vocab_size']}")
+    try:
+        validate(dataclasses.replace(Config(), **{k: v for k, v in shape.items() if k != "vocab_size"}))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return T5Config(
         vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
         num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
@@ -1355,14 +1387,18 @@ def compute_metrics_ds2(predictions, golds, goal_domains, slots=SLOTS):
 
 def read_meta(data_dir):
     """meta.json of data_multiwoz.py, and the SentencePiece model of the bins (to turn generated ids into text)."""
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: make the data folder with data_multiwoz.py (it writes meta.json "
-                                f"last, so a folder without it is incomplete), or point --data_dir at one")
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise ValueError(f"{data_dir} is a file: --data_dir takes the folder data_multiwoz.py wrote")
+    path = require_file(Path(data_dir) / "meta.json", "make the data folder with data_multiwoz.py (it writes "
+                        "meta.json last, so a folder without it is incomplete), or point --data_dir at one")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); re-run data_multiwoz.py") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("spm"), dict) or not isinstance(
+            meta.get("vocab_size"), int) or isinstance(meta.get("vocab_size"), bool) or meta["vocab_size"] <= 0:
+        raise ValueError(f"{path}: not a meta.json of data_multiwoz.py (an object with a whole vocab_size and an "
+                         f"spm entry); re-run data_multiwoz.py")
     if not {"vocab_size", "pad_id", "eos_id", "spm"} <= meta.keys() or (meta["pad_id"], meta["eos_id"]) != (0, 1):
         raise ValueError(f"{path}: not a meta.json of data_multiwoz.py with T5's pad 0 and eos 1; re-run it")
     spm_path = Path(data_dir) / meta["spm"].get("file", "spm.model")
@@ -1373,17 +1409,29 @@ def read_meta(data_dir):
     return meta, sentencepiece.SentencePieceProcessor(model_proto=model)
 
 
-def read_examples(path):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: no such split in {path.parent} (check --data_dir and the "
-                                f"split names, e.g. --train_split, --val_split, --split)")
+EXAMPLE_FIELDS = {"dialogue_id": str, "turn": int, "state": dict, "summary": str}  # + domains (list) for states
+
+
+def read_examples(path, task="dst"):
+    """A split's examples, each checked when read (not after decoding the whole split): a JSON object with the
+    fields ds2.py reads, of the right types."""
+    require_file(path, f"no such split in {path.parent} (check --data_dir and the split names, e.g. "
+                       f"--train_split, --val_split, --split)")
+    fields = {**EXAMPLE_FIELDS, **({"domains": list} if task == "dst" else {})}
     examples = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             try:
-                examples.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); re-run data_multiwoz.py") from None
+                example = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path} line {line_no}: not valid JSON ({e}); re-run data_multiwoz.py") from None
+            wrong = [k for k, kind in fields.items() if not isinstance(example, dict)
+                     or not isinstance(example.get(k), kind) or isinstance(example.get(k), bool)]
+            if wrong:
+                what = "not a JSON object" if not isinstance(example, dict) else f"no valid {', '.join(wrong)}"
+                raise ValueError(f"{path} line {line_no}: {what} (each line is an example of data_multiwoz.py with "
+                                 f"{', '.join(fields)}); re-run data_multiwoz.py")
+            examples.append(example)
     return examples
 
 
@@ -1402,7 +1450,7 @@ def load_split(config, split, meta, train=False):
     tgt_len) and the rows this run uses. The few-shot sample is drawn from the training split only; the
     cross-domain filters apply to every split (DS2 evaluates a held-out domain on its own dialogues)."""
     folder = Path(config.data_dir)
-    examples = read_examples(folder / f"{split}.jsonl")
+    examples = read_examples(folder / f"{split}.jsonl", meta.get("task", "dst"))
     idx_path = folder / f"{split}.idx.npy"
     if not idx_path.is_file():
         raise FileNotFoundError(f"{idx_path} not found: re-run data_multiwoz.py")
@@ -1559,12 +1607,10 @@ def write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, resume=False):
     """A ds2.py checkpoint: tensors and plain values only (weights_only), so a pickle that would run code is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found (--resume reads out_dir/ckpt.pt; --init_from takes a "
-                                f"ds2.py checkpoint file or a Hugging Face T5 folder)")
+    path = require_file(path, "--resume reads out_dir/ckpt.pt; --init_from takes a ds2.py checkpoint file or a "
+                              "Hugging Face T5 folder")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1573,8 +1619,15 @@ def load_checkpoint(path):
     except (RuntimeError, EOFError, OSError) as e:  # a cut-off zip fails in torch's reader with EINVAL
         raise ValueError(f"{path}: unreadable checkpoint ({e}); is it cut off? Use another copy, or start again "
                          f"in a new --out_dir") from None
-    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
+    weights = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if isinstance(weights, dict) and "transformer.wte.weight" in weights:
+        raise ValueError(f"{path} is a gpt_staged.py checkpoint (a GPT-2), not ds2.py's: use it with gpt_staged.py")
+    if not isinstance(weights, dict) or not isinstance(checkpoint.get("model_config"), dict):
         raise ValueError(f"{path}: not a ds2.py checkpoint (no model / model_config)")
+    if resume and not {"optimizer", "scaler", "state"} <= checkpoint.keys():
+        raise ValueError(f"{path} holds weights without the optimizer and training state (a best.pt?): it can be "
+                         f"evaluated or warm-started from (--init_from {path.name}), not resumed; start a new run in "
+                         f"another --out_dir")
     return checkpoint
 
 
@@ -1654,8 +1707,20 @@ def append_jsonl(path, row):
 def trim_log(path, last_step):
     """On resume, drop log rows past the checkpoint (a crashed run may have logged steps it then lost)."""
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines()  # a line cut short by a crash ends without }
-                if line.endswith("}") and json.loads(line)["step"] <= last_step]
+        lines, rows = path.read_text().splitlines(), []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last line, cut short by a crash
+                    continue
+                raise ValueError(f"{path}:{number}: not a JSON row ({line[:40]!r}); the log is damaged: remove the "
+                                 f"line or the file (the checkpoint does not need it)") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}:{number}: a row without a step number ({line[:40]!r}); remove the line or "
+                                 f"the file (the checkpoint does not need it)")
+            if row["step"] <= last_step:
+                rows.append(line)
         write_text(path, "".join(line + "\n" for line in rows))
 
 
@@ -1802,7 +1867,7 @@ def train(config):
                                                           f"{config.train_split}.tgt.bin")}
     checkpoint = None
     if config.resume:
-        checkpoint = check_resume(load_checkpoint(out_dir / "ckpt.pt"), config, data, out_dir / "ckpt.pt")
+        checkpoint = check_resume(load_checkpoint(out_dir / "ckpt.pt", resume=True), config, data, out_dir / "ckpt.pt")
     elif (out_dir / "ckpt.pt").exists():
         raise ValueError(f"{out_dir / 'ckpt.pt'} exists from an earlier run: continue it with --resume, or choose "
                          f"another --out_dir (nothing is overwritten)")
@@ -2414,6 +2479,7 @@ def roundtrip_command(config):
 def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):  # log lines appear as they happen, also in a file or a pipe
         sys.stdout.reconfigure(line_buffering=True)
+    command = config = None
     try:
         command, config = parse_args(sys.argv[1:] if argv is None else argv)
         if command in ("fewshot", "crossdomain"):
@@ -2421,13 +2487,55 @@ def main(argv=None):
         else:
             {"train": train, "evaluate": evaluate_command, "roundtrip": roundtrip_command,
              "bench": bench}[command](config)
-    except (ValueError, FileNotFoundError) as e:  # the user's input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except BrokenPipeError:             # the reader of our output went away (`... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, OSError) as e:  # the user's input or the file system: one line, no traceback
+        print(f"error: {os_error_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:               # the run diverged
+    except FloatingPointError as e:     # the run diverged
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:           # Ctrl-C: say what is intact and how to go on
+        print(f"\ninterrupted: {interrupted_line(command, config)}", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
+
+
+OS_REMEDIES = {errno.EROFS: "the file system is read-only: choose another --out_dir",
+               errno.ENOSPC: "the disk is full: free space, then continue with --resume",
+               errno.EDQUOT: "the disk quota is used up: free space, then continue with --resume",
+               errno.EACCES: "permission denied: choose a path you can write and read",
+               errno.EPERM: "not permitted: choose a path you can write and read",
+               errno.EEXIST: "a file stands where a folder is needed: choose another path",
+               errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+               errno.EISDIR: "a folder stands where a file is needed: choose another path",
+               errno.ENOENT: "not found: check the path"}
+
+
+def os_error_line(e):
+    """An OSError as one line: the path, the cause, what to do (our own messages pass unchanged)."""
+    if e.filename is None:
+        return str(e)
+    path = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return f"{path}: {e.strerror}; {OS_REMEDIES.get(e.errno, 'check the path and the disk')}"
+
+
+def interrupted_line(command, config):
+    """What Ctrl-C left behind: the checkpoint that is intact (read lazily: a memory map, not the weights)."""
+    if command in ("fewshot", "crossdomain"):
+        return "finished runs are kept and an interrupted one resumes: run the same command again"
+    if command != "train" or config is None:
+        return "nothing was written"
+    path = Path(config.out_dir) / "ckpt.pt"
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state"]["step"]
+    except Exception:  # no checkpoint yet, or one that cannot be read: say so, never a second traceback
+        return f"no checkpoint was written yet ({path}); start the run again"
+    return f"{path} (step {step:,}) is intact: continue with the same command and --resume"
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ evaluation) and results.jsonl (one row per finished run).
 import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import hashlib
 import io
@@ -261,6 +262,12 @@ def validate(config, world_size=1):
         raise ValueError(f"--lr_decay_frac must be in (0, 1] (seed: 0.9), got {c.lr_decay_frac}")
     if not (0 <= c.dropout < 1 and 0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
         raise ValueError(f"--dropout, --beta1, --beta2 must be in [0, 1), got {c.dropout}, {c.beta1}, {c.beta2}")
+    for key in ("data_dir", "out_dir"):
+        if not getattr(c, key).strip():
+            raise ValueError(f"--{key} is empty: give a folder (an empty path would mean the current folder)")
+    if c.extra_val and not c.extra_val.endswith(".bin"):
+        raise ValueError(f"--extra_val {c.extra_val}: takes a token bin made by data_owt.py (e.g. data/wikitext2/"
+                         f"val.bin), not a text file; for a text file use the ppl command")
     if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
     if not (c.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", c.device)):
@@ -502,14 +509,39 @@ class GPT(nn.Module):
         return flops_per_token * sequences * context / dt / peak_flops
 
 
+def require_file(path, what):
+    """`path` if it is a regular file; else the one-line error that says what it is instead and what to do."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: {what}")
+    if path.exists():
+        raise ValueError(f"{path} is not a regular file (a FIFO, socket or device): {what}")
+    raise FileNotFoundError(f"{path} not found: {what}")
+
+
 def read_hf_config(folder):
-    path = folder / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --init_from expects a Hugging Face GPT-2 folder holding "
-                                f"config.json and model.safetensors or pytorch_model.bin")
-    hf = json.loads(path.read_text())
-    if not {"n_positions", "vocab_size", "n_layer", "n_head", "n_embd"} <= hf.keys():
+    """A GPT-2 config.json, checked as the same numbers given as flags would be (validate)."""
+    if Path(folder).is_file():
+        raise ValueError(f"--init_from {folder} is a file: give the folder holding config.json and the weights")
+    path = require_file(Path(folder) / "config.json", "--init_from expects a Hugging Face GPT-2 folder holding "
+                        "config.json and model.safetensors or pytorch_model.bin")
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); download the folder again") from None
+    if not isinstance(hf, dict) or not {"n_positions", "vocab_size", "n_layer", "n_head", "n_embd"} <= hf.keys():
         raise ValueError(f"{path}: not a GPT-2 config.json (needs n_positions, vocab_size, n_layer, n_head, n_embd)")
+    shape = {"block_size": hf["n_positions"], "vocab_size": hf["vocab_size"], "n_layer": hf["n_layer"],
+             "n_head": hf["n_head"], "n_embd": hf["n_embd"]}
+    for key, value in shape.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{path}: {key} is {value!r}, not a whole number")
+    try:
+        validate(dataclasses.replace(Config(), **shape, stage_len=1))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (the names are this script's: n_positions is --block_size)") from None
     allowed = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "n_inner": (None, 4 * hf["n_embd"]),
                "layer_norm_epsilon": (1e-5,), "tie_word_embeddings": (True,),
                "scale_attn_by_inverse_layer_idx": (False,), "scale_attn_weights": (True,)}
@@ -522,6 +554,7 @@ def read_hf_config(folder):
 
 def load_hf_tensors(folder):
     """model.safetensors (read by read_safetensors) or pytorch_model.bin (a weights-only torch.load)."""
+    folder = Path(folder)
     if (folder / "model.safetensors").is_file():
         return read_safetensors(folder / "model.safetensors")
     path = folder / "pytorch_model.bin"
@@ -838,16 +871,23 @@ def read_meta(data_dir):
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); re-run data_owt.py") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: a JSON {type(meta).__name__}, not the object data_owt.py writes; re-run data_owt.py")
+    for key in ("vocab_size", "train_tokens", "val_tokens"):  # the numbers this script reads from it
+        if key in meta and not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and meta[key] >= 0):
+            raise ValueError(f"{path}: {key} is {meta[key]!r}, not a whole number; re-run data_owt.py")
+    return meta
 
 
 def count_samples(path, block_size, expected_tokens=None):
     """Samples of block_size + 1 tokens in a bin, after checking the file is a whole uint16 array."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: make the token bins with data_owt.py, or point --data_dir at "
-                                f"a folder holding train.bin and val.bin (the plan command also takes --num_samples)")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{path.parent} is a file: --data_dir takes the folder holding train.bin and val.bin")
+    require_file(path, "make the token bins with data_owt.py, or point --data_dir at a folder holding train.bin "
+                 "and val.bin (the plan command also takes --num_samples)")
     size = path.stat().st_size
     if size % 2:
         raise ValueError(f"{path}: {size:,} bytes, an odd count, so not a file of uint16 tokens (cut off?); "
@@ -944,10 +984,8 @@ def fingerprint(path):
 
 def load_checkpoint(path, config, data):
     """The checkpoint to resume, after checking that it is this run's: the same RUN_KEYS and the same data."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} not found; start the run without --resume, or set --out_dir "
-                                f"to the folder of the run to continue")
-    checkpoint = read_checkpoint(path)
+    require_file(path, "start the run without --resume, or set --out_dir to the folder of the run to continue")
+    checkpoint = read_checkpoint(path, resume=True)
     saved = checkpoint["config"]
     for what, keys in RUN_KEYS.items():  # keys missing from an older checkpoint cannot be checked
         changed = [f"{k} {saved[k]} (checkpoint) vs {getattr(config, k)} (now)"
@@ -963,9 +1001,10 @@ def load_checkpoint(path, config, data):
     return checkpoint
 
 
-def read_checkpoint(path):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: give --ckpt the ckpt.pt of a run (out_dir/ckpt.pt)")
+def read_checkpoint(path, resume=False):
+    """A checkpoint of this script, recognized by what it holds (a GPT-2 config and weights; for a resume also the
+    optimizer and the step), loaded weights-only."""
+    require_file(path, "give --ckpt the ckpt.pt of a run (out_dir/ckpt.pt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -974,8 +1013,16 @@ def read_checkpoint(path):
     except (RuntimeError, EOFError, OSError) as e:  # a cut-off zip fails in torch's reader with EINVAL
         raise ValueError(f"{path}: unreadable checkpoint ({e}); is it cut off? Use another copy, or start again "
                          f"in a new --out_dir") from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
-        raise ValueError(f"{path}: not a checkpoint of gpt_staged.py")
+    weights = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if isinstance(checkpoint, dict) and "model_config" in checkpoint:
+        raise ValueError(f"{path} is a ds2.py checkpoint (a T5), not gpt_staged.py's: use it with ds2.py")
+    if not isinstance(weights, dict) or "transformer.wte.weight" not in weights \
+            or not isinstance(checkpoint.get("config"), dict) or not set(MODEL_KEYS) <= checkpoint["config"].keys():
+        raise ValueError(f"{path}: not a checkpoint of gpt_staged.py (no GPT-2 config and weights)")
+    missing = {"optimizer", "scaler", "step", "tokens_seen", "train_time_s"} - checkpoint.keys()
+    if resume and missing:
+        raise ValueError(f"{path} holds weights without {', '.join(sorted(missing))}: it can be sampled "
+                         f"(sample --ckpt) but not resumed; start a new run in another --out_dir")
     return checkpoint
 
 
@@ -1014,8 +1061,20 @@ def trim_log(path, last_step):
     """On resume, drop log rows past the checkpoint (a crashed run may have logged steps it then lost, and cut its
     last line short)."""
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines()
-                if line.endswith("}") and json.loads(line)["step"] <= last_step]
+        lines, rows = path.read_text().splitlines(), []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last line, cut short by a crash
+                    continue
+                raise ValueError(f"{path}:{number}: not a JSON row ({line[:40]!r}); the log is damaged: remove the "
+                                 f"line or the file (the checkpoint does not need it)") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}:{number}: a row without a step number ({line[:40]!r}); remove the line or "
+                                 f"the file (the checkpoint does not need it)")
+            if row["step"] <= last_step:
+                rows.append(line)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in rows))
         os.replace(tmp, path)
@@ -1381,6 +1440,13 @@ def load_model(config, device):
     return model.to(device).eval()
 
 
+def check_ids(largest, model, what):
+    """Token ids must index the model's embedding: here, not as an IndexError deep inside it."""
+    if largest >= model.config.vocab_size:
+        raise ValueError(f"{what}: token id {largest} >= the model's vocabulary of {model.config.vocab_size}: the "
+                         f"model was trained with another tokenizer than GPT-2's; use a model with GPT-2's vocabulary")
+
+
 def load_tokenizer(config):
     from data_owt import get_encoding  # lazy: only decoding and ppl need the tokenizer
     return get_encoding(config.bpe_dir or None)
@@ -1391,6 +1457,7 @@ def sample(config):
     _, _, device = setup_device(config)
     model, enc = load_model(config, device), load_tokenizer(config)  # the model's errors first: no download
     prompt = enc.encode(config.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+    check_ids(max(prompt), model, "--prompt")
     generator = torch.Generator(device=device).manual_seed(config.seed)
     t0 = time.time()
     tokens, _ = model.generate(torch.tensor([prompt], device=device), config.max_new_tokens, config.temperature,
@@ -1408,9 +1475,7 @@ def perplexity(config):
     """Perplexity of --text_file, tokenized on the fly (no <|endoftext|> added). Non-overlapping windows of
     block_size tokens, as val.bin is evaluated: every token is predicted once, from the tokens before it in its
     window (a sliding window would give later tokens more context and a lower figure)."""
-    path = Path(config.text_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"--text_file {path} not found: give a UTF-8 text file")
+    path = require_file(config.text_file, "--text_file takes a UTF-8 text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -1420,6 +1485,7 @@ def perplexity(config):
     tokens = torch.tensor(enc.encode_ordinary(text), dtype=torch.long)
     if len(tokens) < 2:
         raise ValueError(f"{path}: {len(tokens)} token(s); perplexity needs at least 2")
+    check_ids(tokens.max().item(), model, f"{path}")
     dtype = pick_dtype(config, device)
     T, starts, total, t0 = model.config.block_size, range(0, len(tokens) - 1, model.config.block_size), 0.0, time.time()
     for i, start in enumerate(starts):
@@ -1448,7 +1514,7 @@ def report_runs(config, names=()):
     known = {"baseline": ("full context all the way", {}),
             "baseline_seed2": ("baseline, another seed (init and data order)", dict(seed=config.seed + 1)),
             "exp1": (f"seed Exp 1: {frac:.0%} of steps at ctx {short}", staged),
-            "exp2": ("seed Exp 2: Exp 1 + match_tokens (the next samples)", dict(staged, match_tokens=True)),
+            "exp2": ("seed Exp 2: Exp 1 + match_tokens (a 2nd epoch)", dict(staged, match_tokens=True)),
             "reshape": (f"Exp 1 as reshape: {config.block_size // short} rows per sample",
                         dict(staged, stage_mode="reshape")),
             "recycle": ("Exp 2, recycling the truncated samples", dict(staged, match_tokens=True, recycle=True)),
@@ -1918,6 +1984,7 @@ def bench(config):
 # Main
 
 def main(argv=None):
+    command = config = None
     try:
         command, config = parse_args(sys.argv[1:] if argv is None else argv)
         if command == "plan":
@@ -1934,16 +2001,55 @@ def main(argv=None):
             bench(config)
         else:
             train(config)
-    except (ValueError, FileNotFoundError) as e:  # the user's input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except BrokenPipeError:             # the reader of our output went away (`... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, OSError) as e:  # the user's input or the file system: one line, no traceback
+        print(f"error: {os_error_line(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:               # the run diverged
+    except FloatingPointError as e:     # the run diverged
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:           # Ctrl-C: say what is intact and how to go on
+        print(f"\ninterrupted: {interrupted_line(command, config)}", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+OS_REMEDIES = {errno.EROFS: "the file system is read-only: choose another --out_dir",
+               errno.ENOSPC: "the disk is full: free space, then continue with --resume",
+               errno.EDQUOT: "the disk quota is used up: free space, then continue with --resume",
+               errno.EACCES: "permission denied: choose a path you can write and read",
+               errno.EPERM: "not permitted: choose a path you can write and read",
+               errno.EEXIST: "a file stands where a folder is needed: choose another path",
+               errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+               errno.EISDIR: "a folder stands where a file is needed: choose another path",
+               errno.ENOENT: "not found: check the path"}
+
+
+def os_error_line(e):
+    """An OSError as one line: the path, the cause, what to do (our own messages pass unchanged)."""
+    if e.filename is None:
+        return str(e)
+    path = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return f"{path}: {e.strerror}; {OS_REMEDIES.get(e.errno, 'check the path and the disk')}"
+
+
+def interrupted_line(command, config):
+    """What Ctrl-C left behind: the checkpoint that is intact (read lazily: a memory map, not the weights)."""
+    if command == "report":
+        return "finished runs are kept and an interrupted one resumes: run the same report command again"
+    if command != "train" or config is None:
+        return "nothing was written"
+    path = Path(config.out_dir) / "ckpt.pt"
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:  # no checkpoint yet, or one that cannot be read: say so, never a second traceback
+        return f"no checkpoint was written yet ({path}); start the run again"
+    return f"{path} (step {step:,}) is intact: continue with the same command and --resume"
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ GPT_BAD_INPUT = {  # case: (damage to the folder, extra flags, what the one line
                                     ["ckpt.pt exists from an earlier run: continue it with --resume, or choose "
                                      "another --out_dir"]),
     "resume_without_checkpoint": (lambda d: (d / "out" / "ckpt.pt").unlink(), [],
-                                  ["ckpt.pt not found; start the run without --resume"]),
+                                  ["ckpt.pt not found: start the run without --resume"]),
 }
 
 
@@ -862,7 +862,7 @@ DS2_BAD_INPUT = {  # case: (damage, flags, what the one line must say)
                                    "prepare the data with the same --spm"]),
     "checkpoint_of_another_model": (lambda d, other: shutil.copy(other["gpt"] / "out" / "ckpt.pt", d / "gpt.pt"),
                                     ["--init_from", "{d}/gpt.pt", "--out_dir", "{d}/new"],
-                                    ["gpt.pt: not a ds2.py checkpoint"]),
+                                    ["gpt.pt is a gpt_staged.py checkpoint (a GPT-2), not ds2.py's"]),
     "new_run_over_an_earlier_one": (None, [], ["ckpt.pt exists from an earlier run: continue it with --resume"]),
     "state_with_an_unknown_slot": (lambda d, other: bad_jsonl_state(d), ["roundtrip", "--split", "test"],
                                    ["test.jsonl line 3", "unknown slot 'hotel-colour'"]),
