@@ -1603,17 +1603,23 @@ def interval(values):
     return mean, sd, (T_975.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else math.inf)
 
 
-def step_times(config, shapes):
-    """Median seconds of one training step per (sequences, context) shape, the shapes interleaved in every round
-    (round 0 warms up), on random tokens, at the report's model and batch settings: a shared machine's drift hits
-    them all alike, and no wall clock of a run enters a figure."""
+def timing_setup(config):
+    """(device, accum, dtype, autocast, scaler, model) for timing steps: the training loop's, random weights."""
     _, _, device = setup_device(config)
     accum = validate(config)
     dtype = pick_dtype(config, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.manual_seed(config.seed)
-    model = GPT(GPTConfig(**{k: getattr(config, k) for k in MODEL_KEYS})).to(device)
+    model = GPT(GPTConfig(**{k: getattr(config, k) for k in MODEL_KEYS}, dropout=config.dropout)).to(device)
+    return device, accum, dtype, autocast, scaler, model
+
+
+def step_times(config, shapes):
+    """Median seconds of one training step per (sequences, context) shape, the shapes interleaved in every round
+    (round 0 warms up), on random tokens, at the report's model and batch settings: a shared machine's drift hits
+    them all alike, and no wall clock of a run enters a figure."""
+    device, accum, _, autocast, scaler, model = timing_setup(config)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                            device.type, config.decay_wpe)
     times = {shape: [] for shape in shapes}
@@ -1907,13 +1913,7 @@ def bench_decode(config, model, device):
 
 def bench(config):
     """Print the benchmark tables and write out_dir/bench_gpt.json (see README, Performance)."""
-    _, _, device = setup_device(config)
-    accum = validate(config)
-    dtype = pick_dtype(config, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    torch.manual_seed(config.seed)
-    model = GPT(GPTConfig(**{k: getattr(config, k) for k in MODEL_KEYS}, dropout=config.dropout)).to(device)
+    device, accum, dtype, autocast, scaler, model = timing_setup(config)
     load = os.getloadavg()
     print(f"bench: GPT {model.num_params() / 1e6:.2f}M, {config.batch_size} sequences per step "
           f"({config.micro_batch_size} x {accum}), device {device}, dtype {str(dtype).removeprefix('torch.')}, "

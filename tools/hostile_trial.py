@@ -136,8 +136,10 @@ def symlinked_folder(folder):
 
 def interrupt_after(seconds, setup):
     """A Ctrl-C case whose command makes no checkpoint: SIGINT `seconds` after the start, in the middle of the work."""
-    setup.interrupt_after = seconds
-    return setup
+    def interrupted(folder):  # a new function each time: an attribute on a shared setup would be overwritten
+        setup(folder)
+    interrupted.interrupt_after = seconds
+    return interrupted
 
 
 def mwoz(dev=8, test=4, edit=None, raw=False):
@@ -324,9 +326,9 @@ CASES = [
      f"--input texts {OWT} --out_dir out", "CLEAN"),
     ("data_owt", "out/train.bin is a folder", both(texts, folder_named("out"), folder_named("out/train.bin")),
      f"--input texts {OWT} --out_dir out", "CLEAN"),
-    ("data_owt", "Ctrl-C while tokenizing (1 process)", interrupt_after(3, nothing),
+    ("data_owt", "Ctrl-C while tokenizing (1 process)", interrupt_after(1, nothing),
      f"--input {GUTENBERG} {OWT} --out_dir out", "SIGINT"),
-    ("data_owt", "Ctrl-C while tokenizing (2 workers)", interrupt_after(3, nothing),
+    ("data_owt", "Ctrl-C while tokenizing (2 workers)", interrupt_after(1, nothing),
      f"--input {GUTENBERG} --bpe_dir {SHARED / 'gpt2_bpe'} --num_proc 2 --out_dir out", "SIGINT"),
     ("data_owt", "closed output pipe (| head -1)", texts, f"--input texts {OWT} --out_dir out | head -1", "OK"),
     # ---- data_multiwoz.py ----
@@ -405,8 +407,10 @@ def run_case(script, setup, arguments, expected, timeout=120):
         command = f"{shlex.quote(sys.executable)} {ROOT / (script + '.py')} {arguments}"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if expected == "SIGINT":  # Ctrl-C once the first checkpoint is on disk
+            # a runner started in the background inherits an ignored SIGINT: the command gets the default back
             process = subprocess.Popen(shlex.split(command), cwd=folder, env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
+                                       stderr=subprocess.PIPE, text=True,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             after = getattr(setup, "interrupt_after", None)  # a command without checkpoints: after that long
             deadline = time.time() + (after or timeout)
             while (after or not (folder / "out" / "ckpt.pt").exists()) and time.time() < deadline \
