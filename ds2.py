@@ -44,6 +44,7 @@ import difflib
 import errno
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -2476,12 +2477,33 @@ def roundtrip_command(config):
     return exact / max(1, len(states))
 
 
+def usage():
+    """--help: the commands, every Config key with its default and the comment beside it, the presets."""
+    lines, source = [], inspect.getsource(Config).splitlines()[2:]
+    for line in source:
+        field = re.match(r"\s+(\w+): \w+ = (.+?)(?:\s+# (.*))?$", line)
+        if field:
+            lines.append(f"  --{field[1]:<24} {field[2]:<14} {field[3] or ''}".rstrip())
+        elif line.startswith("    #"):  # a section heading of Config
+            lines.append(f"  [{line.strip().lstrip('# ')}]")
+        elif line.strip().startswith("#") and lines:  # a comment line of its own: the field it continues
+            lines.append(" " * 43 + line.strip().lstrip("# "))
+    examples = __doc__.strip().splitlines()[0]
+    return "\n".join([examples, "", f"usage: python {Path(__file__).name} [{'|'.join(COMMANDS)}] [--key=value ...]"
+                      f" (also --key value; a bare --flag means true; --preset NAME first: "
+                      f"{', '.join(PRESETS)})", "", "keys (default, then what it is):", *lines])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
     if hasattr(sys.stdout, "reconfigure"):  # log lines appear as they happen, also in a file or a pipe
         sys.stdout.reconfigure(line_buffering=True)
     command = config = None
     try:
-        command, config = parse_args(sys.argv[1:] if argv is None else argv)
+        command, config = parse_args(argv)
         if command in ("fewshot", "crossdomain"):
             protocol_command(command, config)
         else:

@@ -39,6 +39,7 @@ import difflib
 import errno
 import functools
 import hashlib
+import inspect
 import io
 import itertools
 import json
@@ -1983,10 +1984,31 @@ def bench(config):
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 
+def usage():
+    """--help: the commands, every Config key with its default and the comment beside it, the presets."""
+    lines, source = [], inspect.getsource(Config).splitlines()[2:]
+    for line in source:
+        field = re.match(r"\s+(\w+): \w+ = (.+?)(?:\s+# (.*))?$", line)
+        if field:
+            lines.append(f"  --{field[1]:<24} {field[2]:<14} {field[3] or ''}".rstrip())
+        elif line.startswith("    #"):  # a section heading of Config
+            lines.append(f"  [{line.strip().lstrip('# ')}]")
+        elif line.strip().startswith("#") and lines:  # a comment line of its own: the field it continues
+            lines.append(" " * 43 + line.strip().lstrip("# "))
+    examples = __doc__.strip().splitlines()[0]
+    return "\n".join([examples, "", f"usage: python {Path(__file__).name} [{'|'.join(COMMANDS)}] [--key=value ...]"
+                      f" (also --key value; a bare --flag means true; --preset NAME first: "
+                      f"{', '.join(PRESETS)})", "", "keys (default, then what it is):", *lines])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
     command = config = None
     try:
-        command, config = parse_args(sys.argv[1:] if argv is None else argv)
+        command, config = parse_args(argv)
         if command == "plan":
             num_samples = config.num_samples or count_samples(
                 Path(config.data_dir) / "train.bin", config.block_size, read_meta(config.data_dir).get("train_tokens"))

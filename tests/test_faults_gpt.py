@@ -209,3 +209,14 @@ def test_a_last_log_line_cut_after_a_nested_object_is_dropped(run_dir):
 def test_extra_val_must_be_a_token_bin(tmp_path, capsys):
     one_line_error(gs.main([*SMOKE, "--extra_val", "book.txt"]), capsys.readouterr().err,
                    "--extra_val book.txt: takes a token bin made by data_owt.py", "use the ppl command")
+
+
+@pytest.mark.parametrize("script", ["gpt_staged.py", "ds2.py"])
+def test_help_lists_every_key_with_its_default_and_exits_0(script):
+    run = subprocess.run([sys.executable, script, "sample" if script == "gpt_staged.py" else "train", "--help"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stderr == ""
+    module = gs if script == "gpt_staged.py" else __import__("ds2")
+    for field in gs.dataclasses.fields(module.Config):
+        assert f"  --{field.name} " in run.stdout, field.name
+    assert "--block_size               1024" in run.stdout or "--d_model" in run.stdout
