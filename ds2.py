@@ -1987,9 +1987,12 @@ def train(config):
                 "rng": rng, "data": data, **run})
         if step == config.stop_step and step < total_steps:
             log(f"stopped at --stop_step {step}; continue with --resume")
+            if world_size > 1:  # every rank leaves together: gloo aborts a process whose peer tears down early
+                dist.barrier()
             return None
 
-    if not master:  # rank 0 tests the best checkpoint
+    if not master:  # rank 0 tests the best checkpoint; the others wait for it, then all leave together
+        dist.barrier()
         return None
     best = load_checkpoint(out_dir / "best.pt")
     model.load_state_dict(best["model"])
@@ -2002,6 +2005,8 @@ def train(config):
                    "val_loss": best["val_loss"], "train_time_s": state["train_time_s"], "config": asdict(config)})
     log(f"test {config.test_split} (best.pt, step {best['step']:,}, dev val loss {best['val_loss']:.4f}): "
         f"{format_metrics(metrics)}")
+    if world_size > 1:
+        dist.barrier()
     return metrics
 
 

@@ -1381,6 +1381,8 @@ def train(config):
         log("| Model/Experiment | Validation PPL | Training Time (hrs) | Tokens Seen (B) |")
         log("|------------------|----------------|---------------------|-----------------|")
         log(results_row(result))
+    if world_size > 1:  # every rank leaves together: gloo aborts a process whose peer tears down mid-exchange
+        dist.barrier()
     return result
 
 
