@@ -727,16 +727,22 @@ def require_file(path, what):
     raise FileNotFoundError(f"{path} not found: {what}")
 
 
+def read_json_object(path, what, remedy):
+    """A JSON file that must hold an object, as one-line errors naming the file: read once, where it is used."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {remedy}") from None
+    if what and not isinstance(value, dict):  # what=None: the caller checks the shape itself
+        raise ValueError(f"{path}: a JSON {type(value).__name__}, not {what}; {remedy}")
+    return value
+
+
 def read_hf_config(folder):
     """A T5 config.json, checked as the same numbers given as flags would be (validate)."""
     path = require_file(Path(folder) / "config.json", "--init_from expects a ds2.py checkpoint file or a Hugging "
                         "Face T5 folder holding config.json and model.safetensors or pytorch_model.bin")
-    try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); download the folder again") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path}: a JSON {type(hf).__name__}, not a T5 config.json (an object)")
+    hf = read_json_object(path, "a T5 config.json (an object)", "download the folder again")
     missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads") if k not in hf]
     if missing or hf.get("feed_forward_proj", "relu") not in ("relu", "gated-gelu"):
         raise ValueError(f"{path}: not a T5 config this script implements (missing {missing}, feed_forward_proj "
@@ -1392,10 +1398,7 @@ def read_meta(data_dir):
         raise ValueError(f"{data_dir} is a file: --data_dir takes the folder data_multiwoz.py wrote")
     path = require_file(Path(data_dir) / "meta.json", "make the data folder with data_multiwoz.py (it writes "
                         "meta.json last, so a folder without it is incomplete), or point --data_dir at one")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-run data_multiwoz.py") from None
+    meta = read_json_object(path, None, "re-run data_multiwoz.py")
     if not isinstance(meta, dict) or not isinstance(meta.get("spm"), dict) or not isinstance(
             meta.get("vocab_size"), int) or isinstance(meta.get("vocab_size"), bool) or meta["vocab_size"] <= 0:
         raise ValueError(f"{path}: not a meta.json of data_multiwoz.py (an object with a whole vocab_size and an "
@@ -2092,10 +2095,6 @@ def evaluate(model, data, config, sp, autocast, device, slots, label, loss=None)
         loss = estimate_loss(model, data, config, autocast, device) if loss is None else loss
         return {"summary_loss": loss, "n_turns": len(data["rows"])}, records
     preds, golds = [r["pred_state"] for r in records], [r["gold_state"] for r in records]
-    missing = next((ex for ex in map(data["examples"].__getitem__, rows) if "domains" not in ex), None)
-    if missing is not None:
-        raise ValueError(f"{data['split']}.jsonl: example {missing.get('dialogue_id')!r} has no 'domains' (the goal "
-                         f"domains the ds2 scoring needs); re-run data_multiwoz.py")
     metrics = compute_metrics(preds, golds, slots)  # the trade scoring at the top level (early stopping reads it)
     metrics["ds2"] = compute_metrics_ds2(preds, golds, [data["examples"][row]["domains"] for row in rows], slots)
     metrics["summary_em"] = sum(r["gen_summary"] == r["gold_summary"] for r in records) / len(records)

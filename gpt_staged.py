@@ -522,17 +522,25 @@ def require_file(path, what):
     raise FileNotFoundError(f"{path} not found: {what}")
 
 
+def read_json_object(path, what, remedy):
+    """A JSON file that must hold an object, as one-line errors naming the file: read once, where it is used."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); {remedy}") from None
+    if what and not isinstance(value, dict):  # what=None: the caller checks the shape itself
+        raise ValueError(f"{path}: a JSON {type(value).__name__}, not {what}; {remedy}")
+    return value
+
+
 def read_hf_config(folder):
     """A GPT-2 config.json, checked as the same numbers given as flags would be (validate)."""
     if Path(folder).is_file():
         raise ValueError(f"--init_from {folder} is a file: give the folder holding config.json and the weights")
     path = require_file(Path(folder) / "config.json", "--init_from expects a Hugging Face GPT-2 folder holding "
                         "config.json and model.safetensors or pytorch_model.bin")
-    try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); download the folder again") from None
-    if not isinstance(hf, dict) or not {"n_positions", "vocab_size", "n_layer", "n_head", "n_embd"} <= hf.keys():
+    hf = read_json_object(path, "a GPT-2 config.json", "download the folder again")
+    if not {"n_positions", "vocab_size", "n_layer", "n_head", "n_embd"} <= hf.keys():
         raise ValueError(f"{path}: not a GPT-2 config.json (needs n_positions, vocab_size, n_layer, n_head, n_embd)")
     shape = {"block_size": hf["n_positions"], "vocab_size": hf["vocab_size"], "n_layer": hf["n_layer"],
              "n_head": hf["n_head"], "n_embd": hf["n_embd"]}
@@ -871,12 +879,7 @@ def read_meta(data_dir):
                          f"meta.json), so train.bin and val.bin may be from different runs; re-run data_owt.py")
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-run data_owt.py") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: a JSON {type(meta).__name__}, not the object data_owt.py writes; re-run data_owt.py")
+    meta = read_json_object(path, "the object data_owt.py writes", "re-run data_owt.py")
     for key in ("vocab_size", "train_tokens", "val_tokens"):  # the numbers this script reads from it
         if key in meta and not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and meta[key] >= 0):
             raise ValueError(f"{path}: {key} is {meta[key]!r}, not a whole number; re-run data_owt.py")
